@@ -1,0 +1,14 @@
+"""
+txgrace: graceful termination and zero-downtime restarts for Twisted servers.
+
+Listen on C{grace:tcp:8080} (or C{grace:ssl:...}, C{grace:unix:...},
+C{grace:tcp6:...}) through L{serverFromString}, put the listening services
+under a L{GraceService}, and the process stops gracefully on SIGTERM and
+hands over to a new build on SIGHUP or SIGUSR2.
+"""
+
+from txgrace._version import __version__
+from txgrace.interfaces import IDrainable
+from txgrace.service import GraceService, holdReadiness
+
+__all__ = ["GraceService", "IDrainable", "holdReadiness", "__version__"]

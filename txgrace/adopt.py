@@ -1,0 +1,401 @@
+# -*- test-case-name: txgrace.test.test_endpoints -*-
+"""
+Where every grace socket is adopted.
+
+A listening socket is either taken from the inherited ones or made fresh with
+C{socket()}, C{bind()} and C{listen()}; either way the reactor adopts it.  A
+port made by C{listenTCP} would C{shutdown()} the socket when it stops, which
+stops it for every process holding a copy; an adopted port only closes its
+own copy, so a successor can keep serving on the same socket.
+
+The ports here also track every connection they accept, so that a drain can
+find them, at no cost per byte beyond one timestamp per read and write.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any, Callable, Iterable
+
+from twisted.internet import tcp, unix
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgrace.inherit import InheritedSocket, inheritSockets, normalizeAddress
+
+log = Logger()
+
+
+class SocketRegistry:
+    """
+    The grace sockets of one process: the inherited sockets not yet claimed,
+    the ports listening now, and the connections accepted through them.
+
+    Sockets are process-wide state, and L{serverFromString} gives an endpoint
+    nothing but the reactor, so endpoints and L{GraceService} meet here.
+
+    @ivar ports: Listening grace ports by key, in the order they started.
+    @ivar connections: Every open connection accepted through a grace port.
+    @ivar handingOver: C{True} once a successor has taken over the sockets:
+        stopping a port must then leave UNIX socket paths in place.
+    """
+
+    def __init__(
+        self, inherit: Callable[[], list[InheritedSocket]] = inheritSockets
+    ) -> None:
+        self._inherit = inherit
+        self._inherited: list[InheritedSocket] | None = None
+        self.ports: dict[str, Any] = {}
+        self.connections: set[Any] = set()
+        self.handingOver = False
+        self._connectionLostObservers: list[Callable[[Any], None]] = []
+        self._readinessHolds: list[Deferred[Any]] = []
+        self._factoriesToStop: list[Any] = []
+
+    def inherited(self) -> list[InheritedSocket]:
+        """
+        The inherited sockets not claimed yet.  The environment is read on the
+        first call.
+        """
+        if self._inherited is None:
+            self._inherited = self._inherit()
+        return self._inherited
+
+    def claim(self, key: str, family: int, address: object) -> InheritedSocket | None:
+        """
+        Take the inherited socket for C{key}: the one of that name, else the
+        one bound to C{address} in C{family}.
+        """
+        candidates = self.inherited()
+        wanted = normalizeAddress(family, address)
+        byName = [s for s in candidates if s.name == key]
+        byAddress = [s for s in candidates if (s.family, s.address) == (family, wanted)]
+        for inherited in byName + byAddress:
+            candidates.remove(inherited)
+            log.info(
+                "Adopting inherited fd {fd} ({name}) for {key}",
+                fd=inherited.fd,
+                name=inherited.name,
+                key=key,
+            )
+            return inherited
+        return None
+
+    def closeUnclaimed(self) -> None:
+        """
+        Close the inherited sockets that no endpoint claimed: the previous
+        configuration had them and this one does not.
+        """
+        for inherited in self.inherited():
+            log.info(
+                "Closing inherited fd {fd} ({name}): no endpoint claimed it",
+                fd=inherited.fd,
+                name=inherited.name,
+            )
+            os.close(inherited.fd)
+        del self.inherited()[:]
+
+    def holdReadiness(self, until: Deferred[Any]) -> None:
+        """
+        Do not report this process ready before C{until} fires.
+        """
+        self._readinessHolds.append(until)
+
+    def readinessHolds(self) -> list[Deferred[Any]]:
+        """
+        The Deferreds that readiness waits for, taken once.
+        """
+        holds, self._readinessHolds = self._readinessHolds, []
+        return holds
+
+    def addConnectionLostObserver(self, observer: Callable[[Any], None]) -> None:
+        """
+        Call C{observer} with each tracked connection as it closes.
+        """
+        self._connectionLostObservers.append(observer)
+
+    def removeConnectionLostObserver(self, observer: Callable[[Any], None]) -> None:
+        """
+        Undo L{addConnectionLostObserver}.
+        """
+        self._connectionLostObservers.remove(observer)
+
+    def _connectionMade(self, connection: Any) -> None:
+        self.connections.add(connection)
+
+    def _connectionLost(self, connection: Any) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            for observer in list(self._connectionLostObservers):
+                observer(connection)
+            self._stopFactoriesIfIdle()
+
+    def _stopFactoryWhenIdle(self, factory: Any) -> None:
+        # Site.stopFactory closes the access log: requests that finish
+        # during the drain must still be logged.
+        self._factoriesToStop.append(factory)
+        self._stopFactoriesIfIdle()
+
+    def _stopFactoriesIfIdle(self) -> None:
+        if self.connections:
+            return
+        factories, self._factoriesToStop = self._factoriesToStop, []
+        for factory in factories:
+            factory.doStop()
+
+
+registry = SocketRegistry()
+"""
+The registry of this process.
+"""
+
+
+class _TrackedConnection:
+    """
+    Mix-in for a server transport: registers the connection with its port's
+    registry and notes when it was last active, for the keep-alive drain.
+
+    @ivar openedAt: When the connection was accepted (reactor seconds).
+    @ivar lastActive: When it last read or wrote.
+    """
+
+    server: Any
+    reactor: IReactorTime
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)  # type: ignore[call-arg]
+        self.openedAt = self.lastActive = self.reactor.seconds()
+        self.server.registry._connectionMade(self)
+
+    def doRead(self) -> Any:
+        self.lastActive = self.reactor.seconds()
+        return super().doRead()  # type: ignore[misc]
+
+    def doWrite(self) -> Any:
+        self.lastActive = self.reactor.seconds()
+        return super().doWrite()  # type: ignore[misc]
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            super().connectionLost(reason)  # type: ignore[misc]
+        finally:
+            self.server.registry._connectionLost(self)
+
+
+class TrackedTCPServer(_TrackedConnection, tcp.Server):
+    """
+    A TCP (or TLS) connection accepted through a grace port.
+    """
+
+
+class TrackedUNIXServer(_TrackedConnection, unix.Server):
+    """
+    A UNIX socket connection accepted through a grace port.
+    """
+
+
+class _GracePort:
+    """
+    Mix-in for an adopted port.
+
+    @ivar registry: The registry that tracks this port and its connections.
+    @ivar key: The name under which the socket is passed to a successor.
+    """
+
+    registry: SocketRegistry
+    key: str
+    factory: Any
+    numberAccepts: int
+    doRead: Callable[[], Any]
+
+    def acceptBacklog(self) -> None:
+        """
+        Accept every connection already queued on the socket, before a final
+        stop closes it and the kernel resets them.
+        """
+        if getattr(self, "connected", False):
+            self.numberAccepts = 1 << 16
+            self.doRead()
+
+    def _closed(self, reason: Failure, connectionLost: Callable[..., None]) -> None:
+        """
+        Run the base port's C{connectionLost}, except that its factory is
+        stopped only once the last tracked connection has closed.
+        """
+        if self.registry.ports.get(self.key) is self:
+            del self.registry.ports[self.key]
+        factory = self.factory
+        self.factory = _StopLater(factory, self.registry)
+        try:
+            connectionLost(self, reason)
+        finally:
+            self.factory = factory
+
+
+class _StopLater:
+    """
+    Stands in for a port's factory while the port closes, to postpone its
+    C{doStop}.
+    """
+
+    def __init__(self, factory: Any, registry: SocketRegistry) -> None:
+        self._factory = factory
+        self._registry = registry
+
+    def doStop(self) -> None:
+        self._registry._stopFactoryWhenIdle(self._factory)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+
+class GraceTCPPort(_GracePort, tcp.Port):
+    """
+    An adopted TCP port.  Adopted TCP ports never C{shutdown()} the socket.
+    """
+
+    transport = TrackedTCPServer
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed(reason, tcp.Port.connectionLost)
+
+
+class GraceUNIXPort(_GracePort, unix.Port):
+    """
+    An adopted UNIX port that shares its socket safely: it never
+    C{shutdown()}s the socket, keeps the socket file's mode, and removes the
+    path only on a final stop, never while handing over.
+    """
+
+    transport = TrackedUNIXServer
+    _shouldShutdown = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.registry.handingOver:
+            path = os.fsdecode(self._bindPath)
+            if path and not path.startswith("\0"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._closed(reason, tcp.Port.connectionLost)
+
+
+def _removeStaleUNIXSocket(path: str) -> None:
+    """
+    Remove a socket file that nobody listens on any more, left behind by a
+    process that was killed.  A live socket or any other file is left alone
+    and makes the bind fail.
+    """
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def bindListeningSocket(
+    family: int, address: Any, backlog: int, mode: int | None = None
+) -> socket.socket:
+    """
+    Make a fresh non-blocking listening stream socket.
+
+    @param mode: For a UNIX socket, the permissions of its file, set before
+        it listens so that it is never more permissive than asked.
+
+    @raise CannotListenError: If the address is taken or forbidden.
+    """
+    skt = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            if isinstance(address, str) and not address.startswith("\0"):
+                _removeStaleUNIXSocket(address)
+            skt.bind(address)
+            if mode is not None and not str(address).startswith("\0"):
+                os.chmod(address, mode)
+        else:
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            skt.bind(address)
+        skt.listen(backlog)
+    except OSError as e:
+        skt.close()
+        if family == socket.AF_UNIX:
+            raise CannotListenError(None, address, e) from None
+        raise CannotListenError(address[0], address[1], e) from None
+    skt.setblocking(False)
+    return skt
+
+
+def adoptPort(
+    reactor: Any,
+    registry: SocketRegistry,
+    key: str,
+    family: int,
+    address: Any,
+    factory: IProtocolFactory,
+    backlog: int = 50,
+    mode: int | None = None,
+) -> _GracePort:
+    """
+    Listen with C{factory} on the inherited socket for C{key} or C{address},
+    or on a fresh one.
+
+    @return: The listening port, registered under C{key}.
+    @raise CannotListenError: If a fresh socket cannot be bound.
+    @raise ValueError: If another grace port already uses C{key}.
+    """
+    if key in registry.ports:
+        raise ValueError(f"two grace endpoints use the socket name {key!r}")
+    inherited = registry.claim(key, family, address)
+    if inherited is not None:
+        fd = inherited.fd
+    else:
+        fresh = bindListeningSocket(family, address, backlog, mode)
+        fd = fresh.detach()
+    port: _GracePort
+    try:
+        if family == socket.AF_UNIX:
+            port = GraceUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+            port.backlog = backlog
+            # Keep the mode the socket file has, which a handover never changes.
+            path = os.fsencode(port._bindPath)
+            if path and not path.startswith(b"\0"):
+                port.mode = stat.S_IMODE(os.stat(path).st_mode)
+        else:
+            port = GraceTCPPort._fromListeningDescriptor(reactor, fd, family, factory)
+    finally:
+        # The port listens on its own dup of the descriptor.
+        os.close(fd)
+    port.registry = registry
+    port.key = key
+    port.startListening()  # type: ignore[attr-defined]
+    registry.ports[key] = port
+    return port
+
+
+def stopListening(ports: Iterable[Any]) -> Deferred[Any]:
+    """
+    Stop every port in C{ports} from listening; fires when all are closed.
+    """
+    from twisted.internet.defer import gatherResults
+
+    waits = []
+    for port in ports:
+        result = port.stopListening()
+        waits.append(result if isinstance(result, Deferred) else succeed(None))
+    return gatherResults(waits, consumeErrors=True)
+

@@ -1,0 +1,261 @@
+# -*- test-case-name: txgrace.test.test_drain -*-
+"""
+Where the drain happens: ask every open connection to finish in the way its
+protocol knows, wait for all of them to close, and abort the rest at the
+hammer deadline.
+
+Policies:
+  - HTTP/1.1: a request in flight ends with C{Connection: close}; a
+    connection that is idle and has been quiet for L{IDLE_QUIET_SECONDS} is
+    closed at once; one that was active only a moment ago is left open that
+    long, and any request it sends meanwhile is answered with
+    C{Connection: close}.  Closing a connection the instant it went idle
+    races with a client that is already sending its next request on it.
+  - HTTP/2: a GOAWAY frame (NO_ERROR, with the last stream id), then the
+    connection closes once its open streams are done.
+  - L{IDrainable}: its C{drain()} is called once.
+  - anything else is left to finish on its own terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+
+from txgrace.interfaces import IDrainable
+
+log = Logger()
+
+IDLE_QUIET_SECONDS = 1.0
+"""
+How long an idle HTTP/1.1 connection must have been quiet to be closed at
+once by a drain.
+"""
+
+_H2_POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """
+    What a drain did.
+
+    @ivar opened: Connections open when the drain began.
+    @ivar aborted: Connections aborted by the hammer.
+    @ivar seconds: How long the drain took.
+    """
+
+    opened: int
+    aborted: int
+    seconds: float
+
+
+def applicationProtocol(connection: Any) -> Any:
+    """
+    The protocol that speaks for C{connection}, below any TLS layer and
+    Twisted's HTTP/1.1-or-HTTP/2 switch.
+    """
+    protocol = getattr(connection, "protocol", None)
+    for _ in range(8):
+        if IDrainable.providedBy(protocol) or isinstance(protocol, HTTPChannel):
+            return protocol
+        inner = getattr(protocol, "wrappedProtocol", None)
+        if inner is None:
+            inner = getattr(protocol, "_channel", None)
+        if inner is None:
+            return protocol
+        protocol = inner
+    return protocol
+
+
+def _closeAfterResponse(request: Any, version: bytes) -> bool:
+    # Stands in for HTTPChannel.checkPersistence once a drain has begun.
+    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+    return False
+
+
+def _isH2(protocol: Any) -> bool:
+    return type(protocol).__name__ == "H2Connection" and hasattr(protocol, "conn")
+
+
+class Drain:
+    """
+    One drain of a set of connections.
+
+    @param clock: The time source.
+    @param connections: The live set of open connections; it shrinks as they
+        close, and L{connectionLost} must be called for each one that does.
+    @param hammerTimeout: Seconds until the rest are aborted; C{0} aborts at
+        once, and a negative value or L{None} never does.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        connections: set[Any],
+        hammerTimeout: float | None,
+        idleQuietSeconds: float = IDLE_QUIET_SECONDS,
+    ) -> None:
+        self._clock = clock
+        self._connections = connections
+        self._hammerTimeout = hammerTimeout
+        self._idleQuiet = idleQuietSeconds
+        self._done: Deferred[DrainResult] = Deferred()
+        self._started = 0.0
+        self._opened = 0
+        self._aborted = 0
+        self._calls: list[IDelayedCall] = []
+        self._finished = False
+
+    def start(self) -> Deferred[DrainResult]:
+        """
+        Ask every connection to finish.
+
+        @return: A Deferred that fires with a L{DrainResult} once every
+            connection has closed.
+        """
+        self._started = self._clock.seconds()
+        self._opened = len(self._connections)
+        log.info("Draining {count} connections", count=self._opened)
+        for connection in list(self._connections):
+            self._ask(connection)
+        if self._hammerTimeout is not None and self._hammerTimeout >= 0:
+            self._later(self._hammerTimeout, self.hammer)
+        self._finishIfEmpty()
+        return self._done
+
+    def connectionLost(self, connection: Any) -> None:
+        """
+        A connection closed.
+        """
+        self._finishIfEmpty()
+
+    def hammer(self) -> None:
+        """
+        Abort every connection that is still open, logging each one.
+        """
+        remaining = list(self._connections)
+        if not remaining or self._finished:
+            return
+        now = self._clock.seconds()
+        for connection in remaining:
+            log.warn(
+                "Hammer: aborting {peer} ({protocol}), open {age:.1f}s",
+                peer=_peer(connection),
+                protocol=type(applicationProtocol(connection)).__name__,
+                age=now - getattr(connection, "openedAt", now),
+            )
+            self._aborted += 1
+            connection.abortConnection()
+        log.warn("Hammer: aborted {count} connections", count=len(remaining))
+
+    def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
+        self._calls.append(self._clock.callLater(delay, f, *args))
+
+    def _ask(self, connection: Any) -> None:
+        protocol = applicationProtocol(connection)
+        if IDrainable.providedBy(protocol):
+            IDrainable(protocol).drain()
+        elif isinstance(protocol, HTTPChannel):
+            self._drainHTTP11(connection, protocol)
+        elif _isH2(protocol):
+            self._drainH2(connection, protocol)
+
+    def _drainHTTP11(self, connection: Any, channel: HTTPChannel) -> None:
+        if connection not in self._connections:
+            return
+        channel.checkPersistence = _closeAfterResponse  # type: ignore[method-assign]
+        if channel.requests:
+            # In flight: the client gets the whole response, then EOF.
+            # (Never on an idle channel: it would swallow the next request.)
+            channel.persistent = False
+            for request in channel.requests:
+                if not request.startedWriting:
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return
+        quiet = self._clock.seconds() - getattr(connection, "lastActive", 0.0)
+        if quiet >= self._idleQuiet and not getattr(channel, "_buffer", b""):
+            channel.loseConnection()
+        else:
+            self._later(
+                max(self._idleQuiet - quiet, 0.01),
+                self._drainHTTP11,
+                connection,
+                channel,
+            )
+
+    def _drainH2(self, connection: Any, h2: Any) -> None:
+        from hyperframe.frame import GoAwayFrame
+
+        goAway = GoAwayFrame(0)
+        goAway.last_stream_id = h2.conn.highest_inbound_stream_id
+        goAway.error_code = 0
+        # h2's close_connection() would forbid the frames of the streams that
+        # are still open, so the frame goes straight to the transport.
+        h2.transport.write(goAway.serialize())
+        self._closeH2WhenIdle(connection, h2)
+
+    def _closeH2WhenIdle(self, connection: Any, h2: Any) -> None:
+        if connection not in self._connections:
+            return
+        if h2.streams:
+            self._later(_H2_POLL_SECONDS, self._closeH2WhenIdle, connection, h2)
+        else:
+            h2.transport.loseConnection()
+
+    def _finishIfEmpty(self) -> None:
+        if self._connections or self._finished:
+            return
+        self._finished = True
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        result = DrainResult(
+            self._opened, self._aborted, self._clock.seconds() - self._started
+        )
+        log.info(
+            "Drained {opened} connections in {seconds:.3f}s, aborted {aborted}",
+            opened=result.opened,
+            seconds=result.seconds,
+            aborted=result.aborted,
+        )
+        self._done.callback(result)
+
+
+def _peer(connection: Any) -> str:
+    try:
+        peer = connection.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"{host}:{peer.port}"
+    return str(getattr(peer, "name", peer))
+
+
+def drainConnections(
+    clock: IReactorTime,
+    registry: Any,
+    hammerTimeout: float | None,
+) -> tuple[Drain, Deferred[DrainResult]]:
+    """
+    Drain every connection in C{registry}, following it as they close.
+
+    @return: The drain (to L{Drain.hammer} early) and its result.
+    """
+    drain = Drain(clock, registry.connections, hammerTimeout)
+    registry.addConnectionLostObserver(drain.connectionLost)
+
+    def stopObserving(result: DrainResult) -> DrainResult:
+        registry.removeConnectionLostObserver(drain.connectionLost)
+        return result
+
+    return drain, drain.start().addBoth(stopObserving)
+
+
+__all__: Iterable[str] = ["Drain", "DrainResult", "drainConnections", "IDLE_QUIET_SECONDS"]
