@@ -108,7 +108,7 @@ class Drain:
         self._done: Deferred[DrainResult] = Deferred()
         self._started = 0.0
         self._opened = 0
-        self._aborted = 0
+        self._aborted: set[Any] = set()
         self._calls: list[IDelayedCall] = []
         self._finished = False
 
@@ -122,10 +122,10 @@ class Drain:
         self._started = self._clock.seconds()
         self._opened = len(self._connections)
         log.info("Draining {count} connections", count=self._opened)
-        for connection in list(self._connections):
-            self._ask(connection)
         if self._hammerTimeout is not None and self._hammerTimeout >= 0:
             self._later(self._hammerTimeout, self.hammer)
+        for connection in list(self._connections):
+            self._ask(connection)
         self._finishIfEmpty()
         return self._done
 
@@ -139,7 +139,9 @@ class Drain:
         """
         Abort every connection that is still open, logging each one.
         """
-        remaining = list(self._connections)
+        # abortConnection() takes effect on the next reactor turn: a second
+        # hammer before then must not abort (or count) them again.
+        remaining = [c for c in self._connections if c not in self._aborted]
         if not remaining or self._finished:
             return
         now = self._clock.seconds()
@@ -150,11 +152,12 @@ class Drain:
                 protocol=type(applicationProtocol(connection)).__name__,
                 age=now - getattr(connection, "openedAt", now),
             )
-            self._aborted += 1
+            self._aborted.add(connection)
             connection.abortConnection()
         log.warn("Hammer: aborted {count} connections", count=len(remaining))
 
     def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
+        self._calls = [call for call in self._calls if call.active()]
         self._calls.append(self._clock.callLater(delay, f, *args))
 
     def _ask(self, connection: Any) -> None:
@@ -190,14 +193,30 @@ class Drain:
             )
 
     def _drainH2(self, connection: Any, h2: Any) -> None:
+        from h2.errors import ErrorCodes
         from hyperframe.frame import GoAwayFrame
 
+        lastStreamID = h2.conn.highest_inbound_stream_id
         goAway = GoAwayFrame(0)
-        goAway.last_stream_id = h2.conn.highest_inbound_stream_id
+        goAway.last_stream_id = lastStreamID
         goAway.error_code = 0
         # h2's close_connection() would forbid the frames of the streams that
         # are still open, so the frame goes straight to the transport.
         h2.transport.write(goAway.serialize())
+        serveStream = h2._requestReceived
+
+        def refuseLaterStreams(event: Any) -> None:
+            # A stream the client opened before it saw the GOAWAY is refused,
+            # so the client knows it was not processed and may retry it.
+            if event.stream_id > lastStreamID:
+                h2.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                h2.transport.write(h2.conn.data_to_send())
+            else:
+                serveStream(event)
+
+        h2._requestReceived = refuseLaterStreams
+        for name in ("_requestDataReceived", "_requestEnded"):
+            h2.__dict__[name] = _ignoringRefused(h2, getattr(h2, name), lastStreamID)
         self._closeH2WhenIdle(connection, h2)
 
     def _closeH2WhenIdle(self, connection: Any, h2: Any) -> None:
@@ -216,15 +235,30 @@ class Drain:
             if call.active():
                 call.cancel()
         result = DrainResult(
-            self._opened, self._aborted, self._clock.seconds() - self._started
+            self._opened, len(self._aborted), self._clock.seconds() - self._started
         )
         log.info(
-            "Drained {opened} connections in {seconds:.3f}s, aborted {aborted}",
+            "Drained {opened} connections in {seconds}s, aborted {aborted}",
             opened=result.opened,
-            seconds=result.seconds,
+            seconds=round(result.seconds, 3),
             aborted=result.aborted,
         )
         self._done.callback(result)
+
+
+def _ignoringRefused(
+    h2: Any, handler: Callable[[Any], None], lastStreamID: int
+) -> Callable[[Any], None]:
+    """
+    Wrap an H2Connection stream-event handler so that it skips the events of
+    the streams refused after a GOAWAY (they arrive in the same batch).
+    """
+
+    def handle(event: Any) -> None:
+        if event.stream_id <= lastStreamID or event.stream_id in h2.streams:
+            handler(event)
+
+    return handle
 
 
 def _peer(connection: Any) -> str:

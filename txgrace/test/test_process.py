@@ -1,0 +1,275 @@
+"""
+Graceful stop and the command line, with real C{twist txgrace} processes on
+loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from txgrace.testing import ServerProcess, Serving, isAlive, slowRequest, waitUntil
+
+APP = "txgrace.test._apps.site"
+LOCAL = "grace:tcp:0:interface=127.0.0.1"
+
+
+class _Background:
+    """
+    Runs a blocking call in a thread and keeps its result or exception.
+    """
+
+    def __init__(self, f: Any, *args: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = f(*args)
+            except BaseException as e:
+                self.error = e
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 60.0) -> Any:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def startServer(test: TestCase, *extra: str, **kwargs: Any) -> tuple[ServerProcess, Serving]:
+    """
+    Start C{twist txgrace} with the test app; it is killed after the test.
+    """
+    arguments = list(extra)
+    if "--endpoint" not in arguments:
+        arguments = ["--endpoint", LOCAL, *arguments]
+    if "--app" not in arguments:
+        arguments += ["--app", APP]
+    server = ServerProcess(arguments, **kwargs)
+    test.addCleanup(server.kill)
+    return server, server.waitServing()
+
+
+class GracefulStopTests(TestCase):
+    """
+    SIGTERM stops listening, lets in-flight requests finish, and hammers what
+    is left at the deadline.
+    """
+
+    def test_slowRequestCompletes(self) -> None:
+        """
+        A request in flight when SIGTERM arrives gets its whole 200 response
+        (with C{Connection: close}); a connection made after the stop began
+        is refused; the process exits 0.
+        """
+        server, serving = startServer(self)
+        port = serving.port()
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=1.5")
+        server.waitForMessage("sleeping 1.5")
+        server.signal(signal.SIGTERM)
+        server.waitForMessage("Draining 1 connections")
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        status, body = slow.join()
+        self.assertEqual(status, 200)
+        self.assertIn(f"from pid {serving.pid}".encode(), body)
+        self.assertEqual(server.wait(), 0)
+        server.waitForMessage(r"Drained 1 connections in .*, aborted 0")
+
+    def test_idleKeepAliveClosed(self) -> None:
+        """
+        An idle keep-alive connection does not hold the stop up: it is closed
+        and the process exits 0.
+        """
+        server, serving = startServer(self)
+        with socket.create_connection(("127.0.0.1", serving.port()), timeout=10) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b"200", c.recv(65536))
+            server.signal(signal.SIGTERM)
+            self.assertEqual(server.wait(), 0)
+            self.assertEqual(c.recv(65536), b"")
+
+    def test_hammerAtDeadline(self) -> None:
+        """
+        A request that never ends is aborted at the hammer deadline, and the
+        hammer says how many it aborted.
+        """
+        server, serving = startServer(self, "--hammer-timeout", "1")
+        forever = _Background(slowRequest, "127.0.0.1", serving.port(), "/forever", 30)
+        server.waitForMessage("forever begins")
+        server.signal(signal.SIGTERM)
+        server.waitForMessage("Hammer: aborted 1 connections")
+        self.assertRaises(Exception, forever.join)
+        server.wait()
+
+    def test_secondSignalHammers(self) -> None:
+        """
+        A second SIGTERM during the drain hammers at once, long before the
+        60 s deadline.
+        """
+        server, serving = startServer(self)
+        forever = _Background(slowRequest, "127.0.0.1", serving.port(), "/forever", 30)
+        server.waitForMessage("forever begins")
+        server.signal(signal.SIGTERM)
+        server.waitForMessage("Draining 1 connections")
+        server.signal(signal.SIGTERM)
+        server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
+        self.assertRaises(Exception, forever.join)
+        server.wait(timeout=10)
+
+    def test_pidfile(self) -> None:
+        """
+        C{--pidfile} names the serving pid, and is removed on a final stop.
+        """
+        path = os.path.abspath(self.mktemp())
+        server, serving = startServer(self, "--pidfile", path)
+        waitUntil(lambda: os.path.exists(path), 10)
+        with open(path) as f:
+            self.assertEqual(f.read().strip(), str(serving.pid))
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_unixSocket(self) -> None:
+        """
+        A UNIX socket keeps its C{mode=}, serves, and its path is removed on
+        the final stop.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        path = os.path.abspath(os.path.join(directory, "app.sock"))
+        server, serving = startServer(
+            self, "--endpoint", f"grace:unix:{path}:mode=600"
+        )
+        self.assertEqual(serving.addresses[0], ("unix", path, None))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertIn(f"pid {serving.pid}".encode(), c.recv(65536))
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(os.path.exists(path))
+
+
+def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{twist txgrace} to completion.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", "txgrace", *arguments],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class CommandLineTests(TestCase):
+    """
+    C{twist txgrace}'s options and its one-line errors.
+    """
+
+    def assertOneLineError(
+        self, result: subprocess.CompletedProcess[str], *words: str
+    ) -> None:
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        for word in words:
+            self.assertIn(word, output)
+
+    def test_help(self) -> None:
+        """
+        C{--help} documents every option.
+        """
+        result = runTwist("--help")
+        self.assertEqual(result.returncode, 0)
+        for option in (
+            "--endpoint",
+            "--app",
+            "--hammer-timeout",
+            "--ready-timeout",
+            "--pidfile",
+            "--restart-signal",
+        ):
+            self.assertIn(option, result.stdout)
+
+    def test_endpointWithoutPrefix(self) -> None:
+        """
+        An endpoint without C{grace:} is refused, naming it.
+        """
+        result = runTwist("--endpoint", "tcp:8080", "--app", APP)
+        self.assertOneLineError(result, "'tcp:8080'", "grace:")
+
+    def test_unsupportedEndpoint(self) -> None:
+        """
+        An inner type we do not support is refused, quoting the string.
+        """
+        result = runTwist("--endpoint", "grace:udp:53", "--app", APP)
+        self.assertOneLineError(result, "'grace:udp:53'")
+
+    def test_missingModule(self) -> None:
+        """
+        C{--app} naming a missing module.
+        """
+        result = runTwist("--endpoint", LOCAL, "--app", "no_such_module_x.site")
+        self.assertOneLineError(result, "no module named 'no_such_module_x'")
+
+    def test_missingAttribute(self) -> None:
+        """
+        C{--app} naming a missing attribute.
+        """
+        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps:nothing")
+        self.assertOneLineError(result, "has no attribute 'nothing'")
+
+    def test_wrongType(self) -> None:
+        """
+        C{--app} naming something that cannot be served.
+        """
+        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps.log")
+        self.assertOneLineError(result, "is not a Site")
+
+    def test_portTaken(self) -> None:
+        """
+        A port that is taken ends the program with the address in the line.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = runTwist(
+            "--endpoint", f"grace:tcp:{port}:interface=127.0.0.1", "--app", APP
+        )
+        self.assertOneLineError(result, f"127.0.0.1:{port}")
+
+    def test_badTimeout(self) -> None:
+        """
+        A timeout that is not a number is refused, naming the option.
+        """
+        result = runTwist("--endpoint", LOCAL, "--app", APP, "--hammer-timeout", "soon")
+        self.assertOneLineError(result, "--hammer-timeout", "'soon'")
+
+    def test_appAsResourceAndColon(self) -> None:
+        """
+        C{pkg.mod:attr} works, and an IResource is served through a Site.
+        """
+        server, serving = startServer(self, "--app", "txgrace.test._apps:root")
+        self.assertEqual(
+            slowRequest("127.0.0.1", serving.port(), "/")[0], 200
+        )
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        self.assertFalse(isAlive(serving.pid))

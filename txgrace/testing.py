@@ -1,0 +1,481 @@
+"""
+Helpers to test an application's restart behaviour for real: run it under
+C{twist txgrace} on loopback, signal it, and load it with HTTP clients that
+never retry and say exactly how each failed request failed.
+
+These helpers block (they use threads and subprocesses); call them from
+synchronous tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Serving:
+    """
+    A process announced that it is ready.
+
+    @ivar pid: Its pid.
+    @ivar generation: 1 for the first process, 2 for its successor, ...
+    @ivar addresses: What it listens on, as C{("tcp", "127.0.0.1", 8080)} or
+        C{("unix", "/path", None)}.
+    """
+
+    pid: int
+    generation: int
+    addresses: tuple[tuple[str, str, int | None], ...]
+
+    def port(self, index: int = 0) -> int:
+        """
+        The TCP port of the C{index}th address.
+        """
+        port = self.addresses[index][2]
+        assert port is not None
+        return port
+
+
+def _parseAddresses(text: str) -> tuple[tuple[str, str, int | None], ...]:
+    parsed: list[tuple[str, str, int | None]] = []
+    for item in text.split(", "):
+        kind, _, rest = item.partition(":")
+        if kind == "unix":
+            parsed.append((kind, rest, None))
+        else:
+            host, _, port = rest.rpartition(":")
+            parsed.append((kind, host.strip("[]"), int(port)))
+    return tuple(parsed)
+
+
+class ServerProcess:
+    """
+    An application under C{python -m twisted --log-format json txgrace ...}
+    (or C{command}, which must log JSON to stdout) and every successor it
+    starts; they all share one stdout, read here as log events.
+
+    @ivar events: Every JSON log event so far, from every generation.
+    @ivar lines: Every other line written to stdout or stderr.
+    """
+
+    def __init__(
+        self,
+        arguments: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        twistArguments: Sequence[str] = (),
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.arguments = list(arguments)
+        self.events: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self._condition = threading.Condition()
+        environment = dict(os.environ if env is None else env)
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        if command is None:
+            command = [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format",
+                "json",
+                *twistArguments,
+                "txgrace",
+                *self.arguments,
+            ]
+        self.process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=cwd,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").strip("\x1e\n")
+            with self._condition:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    self.lines.append(line)
+                else:
+                    if isinstance(event, dict):
+                        self.events.append(event)
+                    else:
+                        self.lines.append(line)
+                self._condition.notify_all()
+        with self._condition:
+            self._condition.notify_all()
+
+    @property
+    def pid(self) -> int:
+        """
+        The pid of the first process.
+        """
+        return self.process.pid
+
+    def messages(self) -> list[str]:
+        """
+        Every log event formatted as text, then every other line.
+        """
+        from twisted.logger import formatEvent
+
+        with self._condition:
+            events = list(self.events)
+            lines = list(self.lines)
+        return [formatEvent(event) for event in events] + lines
+
+    def waitFor(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """
+        Wait for a log event that satisfies C{predicate}.
+
+        @raise AssertionError: If none comes within C{timeout} seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            seen = 0
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if not self._reader.is_alive() and seen == len(self.events):
+                    break
+                self._condition.wait(min(remaining, 0.5))
+        raise AssertionError(
+            "no matching log event within %ss; output:\n%s"
+            % (timeout, "\n".join(self.messages()[-40:]))
+        )
+
+    def waitForMessage(self, pattern: str, timeout: float = 30.0) -> dict[str, Any]:
+        """
+        Wait for a log event whose text matches the regular expression
+        C{pattern}.
+        """
+        from twisted.logger import formatEvent
+
+        compiled = re.compile(pattern)
+        return self.waitFor(lambda e: bool(compiled.search(formatEvent(e))), timeout)
+
+    def serving(self) -> list[Serving]:
+        """
+        Every C{Serving ... with pid N} announcement so far.
+        """
+        with self._condition:
+            events = list(self.events)
+        return [
+            Serving(e["pid"], e["generation"], _parseAddresses(e["addresses"]))
+            for e in events
+            if e.get("log_namespace") == "txgrace.service" and "addresses" in e
+        ]
+
+    def waitServing(self, generation: int = 1, timeout: float = 30.0) -> Serving:
+        """
+        Wait until generation C{generation} is ready.
+        """
+        event = self.waitFor(
+            lambda e: e.get("log_namespace") == "txgrace.service"
+            and e.get("generation") == generation
+            and "addresses" in e,
+            timeout,
+        )
+        return Serving(
+            event["pid"], event["generation"], _parseAddresses(event["addresses"])
+        )
+
+    def pids(self) -> set[int]:
+        """
+        Every pid this server has had: the first process, every successor it
+        announced or started.
+        """
+        with self._condition:
+            events = list(self.events)
+        pids = {self.process.pid}
+        for event in events:
+            for key in ("pid", "successor"):
+                value = event.get(key)
+                if isinstance(value, int) and event.get("log_namespace", "").startswith(
+                    "txgrace."
+                ):
+                    pids.add(value)
+        return pids
+
+    def signal(self, signum: int, pid: int | None = None) -> None:
+        """
+        Send C{signum} to C{pid} (default: the first process).
+        """
+        os.kill(self.process.pid if pid is None else pid, signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """
+        Wait for the first process to exit.
+
+        @return: Its exit status (negative for a signal).
+        """
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """
+        SIGKILL every process of this server that is still alive, by pid.
+        """
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in self.pids() - {self.process.pid}:
+            if isAlive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def isAlive(pid: int) -> bool:
+    """
+    Whether C{pid} is a live process (not a zombie).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def waitUntil(condition: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    """
+    Poll C{condition} until it holds or C{timeout} seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def openFDs(pid: int) -> int:
+    """
+    How many descriptors C{pid} has open.
+    """
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# Load
+
+
+class _Failed(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+_PID = re.compile(rb"pid (\d+)")
+
+
+def _readResponse(skt: socket.socket, reused: bool) -> tuple[int, bytes, bool]:
+    """
+    Read one HTTP/1.1 response with a Content-Length.
+
+    @return: status, body, and whether the server will close the connection.
+    @raise _Failed: Saying how it failed.
+    """
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = skt.recv(65536)
+            if not chunk:
+                if data:
+                    raise _Failed("partial")
+                raise _Failed("keepalive_race" if reused else "eof_before_response")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        while len(body) < length:
+            chunk = skt.recv(65536)
+            if not chunk:
+                raise _Failed("partial")
+            body += chunk
+    except ConnectionResetError:
+        raise _Failed("keepalive_race" if reused and not data else "reset") from None
+    except socket.timeout:
+        raise _Failed("timeout") from None
+    close = headers.get(b"connection", b"").lower() == b"close"
+    return status, body, close
+
+
+@dataclass
+class LoadResult:
+    """
+    What an L{HTTPLoad} saw.
+
+    @ivar ok: Requests answered with status 200.
+    @ivar failures: Failed requests by kind: C{refused}, C{reset},
+        C{eof_before_response}, C{keepalive_race}, C{partial}, C{timeout},
+        C{bad_status}.
+    @ivar pids: How many requests each pid answered.
+    """
+
+    ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    pids: Counter[int] = field(default_factory=Counter)
+    firstResponseAfter: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        """
+        How many requests failed, of any kind.
+        """
+        return sum(self.failures.values())
+
+
+class HTTPLoad:
+    """
+    Closed-loop HTTP/1.1 clients on a loopback port: half open a new
+    connection per request, half keep one alive.  They never retry.  Each
+    client stops after C{maxRequests} requests or when L{stop} is called, and
+    each socket operation times out after C{timeout} seconds.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        clients: int = 8,
+        path: str = "/",
+        maxRequests: int = 100_000,
+        timeout: float = 10.0,
+    ) -> None:
+        self._address = (host, port)
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode("ascii")
+        )
+        self._maxRequests = maxRequests
+        self._timeout = timeout
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.result = LoadResult()
+        self._threads = [
+            threading.Thread(target=self._client, args=(i % 2 == 0,), daemon=True)
+            for i in range(clients)
+        ]
+
+    def start(self) -> HTTPLoad:
+        """
+        Start the clients.
+        """
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> LoadResult:
+        """
+        Stop the clients and wait for them.
+        """
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(self._timeout + 5)
+        return self.result
+
+    def _count(self, status: int | None, body: bytes, kind: str | None) -> None:
+        with self._lock:
+            if kind is not None:
+                self.result.failures[kind] += 1
+            elif status != 200:
+                self.result.failures["bad_status"] += 1
+            else:
+                self.result.ok += 1
+                match = _PID.search(body)
+                if match:
+                    pid = int(match.group(1))
+                    if pid not in self.result.firstResponseAfter:
+                        self.result.firstResponseAfter[pid] = time.monotonic()
+                    self.result.pids[pid] += 1
+
+    def _connect(self) -> socket.socket:
+        skt = socket.create_connection(self._address, timeout=self._timeout)
+        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return skt
+
+    def _client(self, keepAlive: bool) -> None:
+        skt: socket.socket | None = None
+        reused = False
+        for _ in range(self._maxRequests):
+            if self._stopping.is_set():
+                break
+            try:
+                if skt is None:
+                    try:
+                        skt = self._connect()
+                    except ConnectionRefusedError:
+                        raise _Failed("refused") from None
+                    except socket.timeout:
+                        raise _Failed("timeout") from None
+                    reused = False
+                try:
+                    skt.sendall(self._request)
+                except (BrokenPipeError, ConnectionResetError):
+                    raise _Failed("keepalive_race" if reused else "reset") from None
+                status, body, close = _readResponse(skt, reused)
+                self._count(status, body, None)
+                if close or not keepAlive:
+                    skt.close()
+                    skt = None
+                else:
+                    reused = True
+            except _Failed as failure:
+                self._count(None, b"", failure.kind)
+                if skt is not None:
+                    skt.close()
+                skt = None
+        if skt is not None:
+            skt.close()
+
+
+def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """
+    One request on its own connection, blocking until the response is
+    complete.
+
+    @return: Status and body.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as skt:
+        skt.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii"))
+        status, body, _ = _readResponse(skt, False)
+    return status, body
+
+
+def countIn(items: Iterable[str], word: str) -> int:
+    """
+    How many of C{items} contain C{word}.
+    """
+    return sum(1 for item in items if word in item)
