@@ -334,7 +334,7 @@ def bindListeningSocket(
     except OSError as e:
         skt.close()
         if family == socket.AF_UNIX:
-            raise CannotListenError(None, address, e) from None
+            raise CannotListenError("unix", address, e) from None
         raise CannotListenError(address[0], address[1], e) from None
     skt.setblocking(False)
     return skt
@@ -349,17 +349,26 @@ def adoptPort(
     factory: IProtocolFactory,
     backlog: int = 50,
     mode: int | None = None,
+    named: bool = False,
 ) -> _GracePort:
     """
     Listen with C{factory} on the inherited socket for C{key} or C{address},
     or on a fresh one.
 
-    @return: The listening port, registered under C{key}.
+    @param named: Whether C{key} was given by the user (C{name=}); a derived
+        key that is already taken, as by two C{grace:tcp:0} endpoints, gets a
+        number instead, in the order the endpoints listen.
+
+    @return: The listening port, registered under its key.
     @raise CannotListenError: If a fresh socket cannot be bound.
-    @raise ValueError: If another grace port already uses C{key}.
+    @raise ValueError: If another grace port already uses the name C{key}.
     """
     if key in registry.ports:
-        raise ValueError(f"two grace endpoints use the socket name {key!r}")
+        if named:
+            raise ValueError(f"two grace endpoints use the socket name {key!r}")
+        key += "#" + str(
+            next(n for n in range(2, len(registry.ports) + 3) if f"{key}#{n}" not in registry.ports)
+        )
     inherited = registry.claim(key, family, address)
     if inherited is not None:
         fd = inherited.fd

@@ -89,6 +89,7 @@ class _AdoptingReactor:
             address,
             factory,
             backlog,
+            named=self._endpoint.name is not None,
         )
 
     def listenTCP(
@@ -130,6 +131,7 @@ class _AdoptingReactor:
             factory,
             backlog,
             mode,
+            named=self._endpoint.name is not None,
         )
 
 

@@ -225,7 +225,7 @@ class _CommandLineService(GraceService):
     def startService(self) -> None:
         try:
             GraceService.startService(self)
-        except CannotListenError as e:
+        except (CannotListenError, ValueError) as e:
             raise SystemExit(f"twist txgrace: error: {e}") from None
 
 

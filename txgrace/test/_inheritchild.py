@@ -13,10 +13,11 @@ C{LISTEN_PID} and C{LISTEN_FDS}) or C{txgrace-first} (import
 L{txgrace.adopt} first).
 
 The report has, for each endpoint, the bound address and the inode of the
-listening socket (or the error); whether descriptors 3 and 4 are still open;
-the inodes of every socket the child still holds; and which C{LISTEN_*}
-variables were in the environment at start, after the first import, and at
-the end.  The reactor is never run: listening is synchronous.
+listening socket (or the error); whether descriptors 3 and 4 are still open
+and which socket they hold; the inodes of every socket the child still holds
+(one entry per descriptor); and which C{LISTEN_*} variables were in the
+environment at start, after the first import, and at the end.  The reactor
+is never run: listening is synchronous.
 """
 
 import os
@@ -42,12 +43,18 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(
     del sys.path[0]
 
 
-def _isOpen(fd: int) -> bool:
+def _describe(fd: int) -> dict:
+    """
+    Whether C{fd} is open and, if it is a socket, its inode.  (Once an
+    inherited descriptor is closed, its number can be reused: Twisted's
+    ports reserve a descriptor on C{/dev/null}.)
+    """
     try:
-        os.fstat(fd)
+        status = os.fstat(fd)
     except OSError:
-        return False
-    return True
+        return {"open": False, "inode": None}
+    inode = status.st_ino if stat.S_ISSOCK(status.st_mode) else None
+    return {"open": True, "inode": inode}
 
 
 def _socketInodes() -> list:
@@ -120,7 +127,7 @@ def main(order: str, descriptions: list) -> dict:
     return {
         "listenPIDIsMine": _listenPIDIsMine,
         "endpoints": endpoints,
-        "open": {str(fd): _isOpen(fd) for fd in (3, 4)},
+        "fds": {str(fd): _describe(fd) for fd in (3, 4)},
         "socketInodes": _socketInodes(),
         "environmentAtStart": _atStart,
         "environmentAfterFirstImport": afterFirstImport,

@@ -371,6 +371,7 @@ class _ChildMixin:
         names: Sequence[str],
         endpoints: Sequence[str],
         listenPID: str | None = None,
+        withNames: bool = True,
     ) -> dict[str, Any]:
         """
         Run the child script with C{sockets} as descriptors 3, 4, ... named
@@ -378,9 +379,13 @@ class _ChildMixin:
 
         @param listenPID: Unless L{None}, run without the trampoline and with
             this C{LISTEN_PID}.
+        @param withNames: If false, leave C{LISTEN_FDNAMES} out, as launchers
+            older than systemd 227 do.
         @return: The child's report.
         """
         environment = listenEnvironment(os.environ, names)
+        if not withNames:
+            del environment["LISTEN_FDNAMES"]
         argv = [sys.executable, CHILD_SCRIPT, self.order, *endpoints]
         if listenPID is None:
             executable, args = "/bin/sh", trampoline(argv)
@@ -434,6 +439,13 @@ class _ChildMixin:
             ("127.0.0.1", port, inode),
         )
 
+    def assertReleased(self, report: dict[str, Any], fd: int, inode: int) -> None:
+        """
+        Descriptor C{fd} of the child no longer holds the socket with
+        C{inode}: it is closed, or its number was reused for another file.
+        """
+        self.assertNotEqual(report["fds"][str(fd)]["inode"], inode)
+
     async def test_adoptByName(self) -> None:
         """
         C{name=web} adopts the inherited socket named C{web}, whatever port
@@ -445,9 +457,9 @@ class _ChildMixin:
         )
         self.assertTrue(report["listenPIDIsMine"])
         self.assertAdopted(report["endpoints"][0], portA, inodeA)
-        # The port listens on its own copy; descriptor 3 was closed.
-        self.assertEqual(report["open"]["3"], False)
-        self.assertIn(inodeA, report["socketInodes"])
+        self.assertReleased(report, 3, inodeA)
+        # Only the port's own copy is left.
+        self.assertEqual(report["socketInodes"].count(inodeA), 1)
 
     async def test_adoptByAddress(self) -> None:
         """
@@ -465,7 +477,10 @@ class _ChildMixin:
         )
         self.assertAdopted(report["endpoints"][0], portB, inodeB)
         self.assertAdopted(report["endpoints"][1], portA, inodeA)
-        self.assertEqual(report["open"], {"3": False, "4": False})
+        self.assertReleased(report, 3, inodeA)
+        self.assertReleased(report, 4, inodeB)
+        self.assertEqual(report["socketInodes"].count(inodeA), 1)
+        self.assertEqual(report["socketInodes"].count(inodeB), 1)
 
     async def test_unclaimedClosed(self) -> None:
         """
@@ -480,7 +495,7 @@ class _ChildMixin:
             ["grace:tcp:0:interface=127.0.0.1:name=web"],
         )
         self.assertAdopted(report["endpoints"][0], portA, inodeA)
-        self.assertEqual(report["open"], {"3": False, "4": False})
+        self.assertReleased(report, 4, inodeB)
         self.assertNotIn(inodeB, report["socketInodes"])
 
     async def test_otherProcess(self) -> None:
@@ -502,7 +517,34 @@ class _ChildMixin:
         self.assertEqual(endpoint["host"], "127.0.0.1")
         self.assertNotIn(endpoint["port"], (portA, portB))
         self.assertNotIn(endpoint["inode"], (inodeA, inodeB))
-        self.assertEqual(report["open"], {"3": True, "4": True})
+        self.assertEqual(
+            report["fds"],
+            {
+                "3": {"open": True, "inode": inodeA},
+                "4": {"open": True, "inode": inodeB},
+            },
+        )
+
+    async def test_noNamesAdoptByAddress(self) -> None:
+        """
+        Without C{LISTEN_FDNAMES} the inherited sockets are still adopted, by
+        address.
+        """
+        sockA, portA, inodeA = self.listeningSocket()
+        report = await self.runChild(
+            [sockA],
+            ["unknown"],
+            [f"grace:tcp:{portA}:interface=127.0.0.1"],
+            withNames=False,
+        )
+        self.assertAdopted(report["endpoints"][0], portA, inodeA)
+
+    test_noNamesAdoptByAddress.todo = (  # type: ignore[attr-defined]
+        "Twisted's systemd: parser (imported by txgrace/__init__.py through "
+        "txgrace.service) deletes LISTEN_PID and LISTEN_FDS but keeps no "
+        "descriptors when LISTEN_FDNAMES is missing, so inheritSockets finds "
+        "nothing"
+    )
 
     async def test_environmentConsumed(self) -> None:
         """

@@ -6,11 +6,13 @@ loopback.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -45,6 +47,16 @@ class _Background:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def shortTemporaryDirectory(test: TestCase) -> str:
+    """
+    A private directory with a short path (UNIX socket paths are limited to
+    about 100 bytes), removed after the test.
+    """
+    directory = tempfile.mkdtemp(prefix="txgrace-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 def startServer(test: TestCase, *extra: str, **kwargs: Any) -> tuple[ServerProcess, Serving]:
@@ -146,9 +158,7 @@ class GracefulStopTests(TestCase):
         A UNIX socket keeps its C{mode=}, serves, and its path is removed on
         the final stop.
         """
-        directory = self.mktemp()
-        os.mkdir(directory)
-        path = os.path.abspath(os.path.join(directory, "app.sock"))
+        path = os.path.join(shortTemporaryDirectory(self), "app.sock")
         server, serving = startServer(
             self, "--endpoint", f"grace:unix:{path}:mode=600"
         )
