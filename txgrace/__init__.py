@@ -7,6 +7,8 @@ under a L{GraceService}, and the process stops gracefully on SIGTERM and
 hands over to a new build on SIGHUP or SIGUSR2.
 """
 
+# First, so that it sees LISTEN_* before Twisted's systemd: parser removes them.
+from txgrace import inherit as _inherit  # noqa: F401  # isort: skip
 from txgrace._version import __version__
 from txgrace.interfaces import IDrainable
 from txgrace.service import GraceService, holdReadiness

@@ -298,6 +298,9 @@ def _removeStaleUNIXSocket(path: str) -> None:
     except FileNotFoundError:
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: connecting to a live socket whose backlog is full would
+    # otherwise block until its server accepts, perhaps forever.
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:

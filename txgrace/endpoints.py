@@ -153,25 +153,28 @@ class GraceServerEndpoint:
         inner: str,
         name: str | None = None,
         registry: SocketRegistry | None = None,
+        description: str | None = None,
     ) -> None:
-        self.description = "grace:" + inner
+        if description is None:
+            description = "grace:" + inner + ("" if name is None else f":name={name}")
+        self.description = description
         self.name = name
         self.registry = processRegistry if registry is None else registry
         kind = inner.split(":", 1)[0]
         if kind not in SUPPORTED_TYPES:
             raise ValueError(
-                f"Invalid endpoint {self.description!r}: grace: supports "
+                f"Invalid endpoint '{self.description}': grace: supports "
                 f"{', '.join(SUPPORTED_TYPES)}, not {kind!r}"
             )
         if name is not None and (not name or ":" in name):
             raise ValueError(
-                f"Invalid endpoint {self.description!r}: name= must be "
+                f"Invalid endpoint '{self.description}': name= must be "
                 "non-empty and cannot contain ':'"
             )
         try:
             self._inner = serverFromString(_AdoptingReactor(reactor, self), inner)
         except Exception as e:
-            raise ValueError(f"Invalid endpoint {self.description!r}: {e}") from None
+            raise ValueError(f"Invalid endpoint '{self.description}': {e}") from None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         """
@@ -196,14 +199,16 @@ def parseGraceEndpoint(
     @raise ValueError: If the string is malformed or names an unsupported
         type; the message quotes the string.
     """
+    description = "grace:" + unparseEndpoint(args, kwargs)
     name = kwargs.pop("name", None)
     if not args:
         raise ValueError(
-            f"Invalid endpoint {'grace:' + unparseEndpoint(args, kwargs)!r}: "
+            f"Invalid endpoint '{description}': "
             f"expected grace:<{'|'.join(SUPPORTED_TYPES)}>:..."
         )
     return GraceServerEndpoint(
         reactor,
         unparseEndpoint(args, kwargs),
         None if name is None else str(name),
+        description=description,
     )

@@ -69,6 +69,15 @@ def normalizeAddress(family: int, address: object) -> object:
     return os.path.abspath(address)
 
 
+# What the environment said when this module was first imported: Twisted's
+# systemd: parser removes LISTEN_PID and LISTEN_FDS when it is imported, and
+# keeps nothing when LISTEN_FDNAMES is missing (as older launchers leave it).
+_atImport = {
+    key: os.environ[key] for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+    if key in os.environ
+}
+
+
 def _declaredDescriptors(
     environ: MutableMapping[str, str], pid: int
 ) -> list[tuple[int, str]] | None:
@@ -197,9 +206,13 @@ def inheritSockets(
 
     @return: The inherited sockets that can be adopted, in descriptor order.
     """
+    pid = os.getpid() if pid is None else pid
     if environ is None:
         environ = os.environ
-    declared = _declaredDescriptors(environ, os.getpid() if pid is None else pid)
+        if "LISTEN_FDS" not in environ and _atImport.get("LISTEN_PID") == str(pid):
+            environ.update(_atImport)
+            _atImport.clear()
+    declared = _declaredDescriptors(environ, pid)
     # Twisted's systemd: parser takes its own copy on import; let it, so that
     # systemd: strings keep working next to grace: ones.
     from twisted.internet import endpoints  # noqa: F401

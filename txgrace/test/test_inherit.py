@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from txgrace.inherit import (
     InheritedSocket,
@@ -539,12 +539,6 @@ class _ChildMixin:
         )
         self.assertAdopted(report["endpoints"][0], portA, inodeA)
 
-    test_noNamesAdoptByAddress.todo = (  # type: ignore[attr-defined]
-        "Twisted's systemd: parser (imported by txgrace/__init__.py through "
-        "txgrace.service) deletes LISTEN_PID and LISTEN_FDS but keeps no "
-        "descriptors when LISTEN_FDNAMES is missing, so inheritSockets finds "
-        "nothing"
-    )
 
     async def test_environmentConsumed(self) -> None:
         """
@@ -585,6 +579,16 @@ class TwistedFirstChildTests(_ChildMixin, TestCase):
     """
 
     order = "twisted-first"
+
+    def test_noNamesAdoptByAddress(self) -> None:  # type: ignore[override]
+        """
+        Not supported: when Twisted's C{systemd:} parser reads the environment
+        before txgrace is imported and C{LISTEN_FDNAMES} is missing, Twisted
+        removes C{LISTEN_FDS} and keeps nothing, so nobody can know which
+        descriptors were passed.  (systemd 227 and later, and every txgrace
+        predecessor, always set C{LISTEN_FDNAMES}; see the README.)
+        """
+        raise SkipTest("documented limitation: see the docstring")
 
     async def test_twistedConsumedTheVariables(self) -> None:
         """
