@@ -9,6 +9,7 @@ and a non-zero status, never a traceback.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import signal
 import sys
@@ -216,10 +217,26 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--pidfile: {e}") from None
 
 
+HAMMERED_EXIT_STATUS = 1
+"""
+The exit status of C{twist txgrace} after a drain that had to abort
+connections, so that a supervisor can tell it from a clean stop (status 0).
+"""
+
+
+def _exitHammered() -> None:
+    # twist has no way to set its exit status; this runs last, once
+    # everything else has shut down and every log line has been written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(HAMMERED_EXIT_STATUS)
+
+
 class _CommandLineService(GraceService):
     """
     The service of C{twist txgrace}: a port that cannot be had ends the
-    program with one line.
+    program with one line, and a drain that ended in a hammer ends it with
+    L{HAMMERED_EXIT_STATUS}.
     """
 
     def startService(self) -> None:
@@ -227,6 +244,14 @@ class _CommandLineService(GraceService):
             GraceService.startService(self)
         except (CannotListenError, ValueError) as e:
             raise SystemExit(f"twist txgrace: error: {e}") from None
+
+    def stopService(self) -> Any:
+        def exitStatus(result: object) -> object:
+            if self.lastDrain is not None and self.lastDrain.aborted:
+                atexit.register(_exitHammered)
+            return result
+
+        return GraceService.stopService(self).addBoth(exitStatus)
 
 
 def makeService(options: Options) -> GraceService:

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from txgrace.tap import HAMMERED_EXIT_STATUS
 from txgrace.testing import ServerProcess, Serving, isAlive, slowRequest, waitUntil
 
 APP = "txgrace.test._apps.site"
@@ -123,7 +124,7 @@ class GracefulStopTests(TestCase):
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections")
         self.assertRaises(Exception, forever.join)
-        server.wait()
+        self.assertEqual(server.wait(), HAMMERED_EXIT_STATUS)
 
     def test_secondSignalHammers(self) -> None:
         """
@@ -138,7 +139,7 @@ class GracefulStopTests(TestCase):
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
         self.assertRaises(Exception, forever.join)
-        server.wait(timeout=10)
+        self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
 
     def test_pidfile(self) -> None:
         """

@@ -1,0 +1,157 @@
+"""
+Packaging: installing the project makes the C{grace} endpoint prefix and the
+C{twist txgrace} subcommand discoverable, and the plugin module stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import venv
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from txgrace.test.test_process import startServer
+from txgrace.testing import HTTPLoad, isAlive, waitUntil
+
+# The source tree, when the tests run from a checkout or an sdist-like tree.
+_SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _sourceTree() -> str:
+    """
+    The project's source tree, or skip when the tests run from an installed
+    copy without one (set C{TXGRACE_SOURCE} to point at it).
+    """
+    source = os.environ.get("TXGRACE_SOURCE", _SOURCE)
+    if not os.path.exists(os.path.join(source, "pyproject.toml")):
+        source = os.getcwd()
+        while source != "/" and not os.path.exists(os.path.join(source, "pyproject.toml")):
+            source = os.path.dirname(source)
+    if not os.path.exists(os.path.join(source, "twisted", "plugins", "txgrace_plugin.py")):
+        raise SkipTest("no txgrace source tree found; set TXGRACE_SOURCE")
+    return source
+
+
+class InstallTests(TestCase):
+    """
+    C{pip install .} into a throwaway virtualenv.
+    """
+
+    def test_pipInstallDiscoversPlugins(self) -> None:
+        """
+        After C{pip install .} in a fresh virtualenv, C{serverFromString}
+        knows C{grace:}, C{twist txgrace --help} works, and no
+        C{twisted/__init__.py} or C{twisted/plugins/__init__.py} was shipped.
+
+        The fresh virtualenv reuses this one's packages through a C{.pth}
+        file, so the test needs no network.
+        """
+        source = _sourceTree()
+        target = os.path.abspath(self.mktemp())
+        venv.create(target, with_pip=True)
+        python = os.path.join(target, "bin", "python")
+        purelib = subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+        with open(os.path.join(purelib, "_txgrace_test_deps.pth"), "w") as pth:
+            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run(
+            [
+                python, "-m", "pip", "install", "-q", "--no-deps",
+                "--no-build-isolation", "--no-index", source,
+            ],
+            check=True,
+            capture_output=True,
+            cwd=target,
+            # Build with this environment's setuptools and wheel (the test
+            # extra), not the older ones a new virtualenv may bundle.
+            env=dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"]),
+        )
+        plugins = os.path.join(purelib, "twisted", "plugins")
+        self.assertTrue(os.path.exists(os.path.join(plugins, "txgrace_plugin.py")))
+        self.assertFalse(os.path.exists(os.path.join(plugins, "__init__.py")))
+        self.assertFalse(os.path.exists(os.path.join(purelib, "twisted", "__init__.py")))
+        check = subprocess.run(
+            [
+                python, "-c",
+                "import txgrace, os\n"
+                "assert os.path.dirname(txgrace.__file__).startswith(%r), txgrace.__file__\n"
+                "from twisted.internet import reactor\n"
+                "from twisted.internet.endpoints import serverFromString\n"
+                "print(type(serverFromString(reactor, 'grace:tcp:0')).__name__)\n"
+                % purelib,
+            ],
+            capture_output=True, text=True, cwd=target,
+        )
+        self.assertEqual(check.stdout.strip(), "GraceServerEndpoint", check.stderr)
+        helped = subprocess.run(
+            [os.path.join(target, "bin", "twist"), "txgrace", "--help"]
+            if os.path.exists(os.path.join(target, "bin", "twist"))
+            else [python, "-m", "twisted", "txgrace", "--help"],
+            capture_output=True, text=True, cwd=target,
+        )
+        self.assertEqual(helped.returncode, 0, helped.stderr)
+        self.assertIn("--endpoint", helped.stdout)
+
+    def test_pluginModuleIsLight(self) -> None:
+        """
+        Importing the plugin module imports neither the reactor nor
+        L{twisted.internet.endpoints}.
+        """
+        code = (
+            "import sys\n"
+            "import twisted.plugins.txgrace_plugin\n"
+            "print('twisted.internet.reactor' in sys.modules,"
+            " 'twisted.internet.endpoints' in sys.modules)\n"
+        )
+        out = subprocess.check_output([sys.executable, "-c", code], text=True)
+        self.assertEqual(out.split(), ["False", "False"])
+
+
+def _dropinCaches() -> list[str]:
+    import twisted.plugins
+
+    return [os.path.join(p, "dropin.cache") for p in twisted.plugins.__path__]
+
+
+class PluginCacheTests(TestCase):
+    """
+    Inheritance works whichever module reads the environment first: with a
+    cold C{dropin.cache}, the plugin scan imports Twisted's own endpoint
+    parsers (which take C{LISTEN_FDS}) before txgrace runs.
+    """
+
+    def test_coldAndWarmCache(self) -> None:
+        """
+        A successor started with no C{dropin.cache} (a cold plugin scan) and
+        one started with a warm cache both adopt the sockets: no request
+        fails under load, and the port stays the same.
+        """
+        caches = [c for c in _dropinCaches() if os.access(os.path.dirname(c), os.W_OK)]
+        if not caches:
+            raise SkipTest("no writable plugin directory to make the cache cold")
+        server, serving = startServer(self)
+        load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
+        self.addCleanup(load.stop)
+        current = serving
+        for cold in (True, False):
+            if cold:
+                for cache in caches:
+                    if os.path.exists(cache):
+                        os.unlink(cache)
+            os.kill(current.pid, signal.SIGHUP)
+            successor = server.waitServing(current.generation + 1)
+            self.assertTrue(waitUntil(lambda: not isAlive(current.pid), 30))
+            self.assertEqual(successor.addresses, serving.addresses)
+            if cold:
+                # The cold scan of the successor wrote the cache again.
+                self.assertTrue(any(os.path.exists(c) for c in caches))
+            current = successor
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertIn(current.pid, result.pids)
