@@ -224,11 +224,19 @@ class GraceService(MultiService):
             signal.signal(signum, self._onRestartSignal)
 
     def _onStopSignal(self, signum: int, frame: Any) -> None:
-        # Runs between bytecodes: hand the work to the reactor thread.
-        if self._stopAsked or self._state in ("handedOver", "stopping"):
+        # Runs between bytecodes: hand the work to the reactor thread.  Only
+        # a signal received twice hammers: a process draining after a
+        # handover goes on draining when `systemctl stop` signals the whole
+        # control group.
+        if self._stopAsked:
             self._reactor.callFromThread(self.hammer)
+            return
+        self._stopAsked = True
+        if self._state in ("handedOver", "stopping"):
+            self._reactor.callFromThread(
+                log.info, "Already draining; a second signal aborts what is left"
+            )
         else:
-            self._stopAsked = True
             self._reactor.callFromThread(self._reactor.stop)
 
     def _onRestartSignal(self, signum: int, frame: Any) -> None:

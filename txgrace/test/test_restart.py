@@ -165,6 +165,25 @@ class RestartTests(TestCase):
         self.assertIn(f"pid {third.pid}".encode(), get(serving.port()))
         self.assertIn(f"from pid {serving.pid}".encode(), slow.join()[1])
 
+    def test_drainingPredecessorSurvivesOneSIGTERM(self) -> None:
+        """
+        A process draining after a handover goes on draining when one SIGTERM
+        reaches it (as C{systemctl stop} signals every process of the unit):
+        its slow request still completes.
+        """
+        server, serving = startServer(self)
+        slow = _Background(slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=2")
+        server.waitForMessage("sleeping 2")
+        server.signal(signal.SIGHUP)
+        server.waitServing(2)
+        server.waitForMessage("Draining 1 connections")
+        server.signal(signal.SIGTERM, serving.pid)
+        server.waitForMessage("Already draining")
+        status, body = slow.join()
+        self.assertEqual(status, 200)
+        self.assertIn(f"from pid {serving.pid}".encode(), body)
+        self.assertEqual(server.wait(), 0)
+
     def test_fdsStableOverGenerations(self) -> None:
         """
         After 20 restarts the newest generation has as many open descriptors
