@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -165,7 +165,7 @@ class _TrackedConnection:
     """
 
     server: Any
-    reactor: IReactorTime
+    reactor: Any
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)  # type: ignore[call-arg]
@@ -259,7 +259,7 @@ class GraceTCPPort(_GracePort, tcp.Port):
     An adopted TCP port.  Adopted TCP ports never C{shutdown()} the socket.
     """
 
-    transport = TrackedTCPServer
+    transport = TrackedTCPServer  # type: ignore[assignment]
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed(reason, tcp.Port.connectionLost)
@@ -378,15 +378,16 @@ def adoptPort(
     else:
         fresh = bindListeningSocket(family, address, backlog, mode)
         fd = fresh.detach()
-    port: _GracePort
+    port: GraceTCPPort | GraceUNIXPort
     try:
         if family == socket.AF_UNIX:
-            port = GraceUNIXPort._fromListeningDescriptor(reactor, fd, factory)
-            port.backlog = backlog
+            unixPort = GraceUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+            unixPort.backlog = backlog
             # Keep the mode the socket file has, which a handover never changes.
-            path = os.fsencode(port._bindPath)
+            path = os.fsencode(unixPort._bindPath)
             if path and not path.startswith(b"\0"):
-                port.mode = stat.S_IMODE(os.stat(path).st_mode)
+                unixPort.mode = stat.S_IMODE(os.stat(path).st_mode)
+            port = unixPort
         else:
             port = GraceTCPPort._fromListeningDescriptor(reactor, fd, family, factory)
     finally:
@@ -394,7 +395,7 @@ def adoptPort(
         os.close(fd)
     port.registry = registry
     port.key = key
-    port.startListening()  # type: ignore[attr-defined]
+    port.startListening()
     registry.ports[key] = port
     return port
 

@@ -20,7 +20,7 @@ Policies:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -292,4 +292,3 @@ def drainConnections(
     return drain, drain.start().addBoth(stopObserving)
 
 
-__all__: Iterable[str] = ["Drain", "DrainResult", "drainConnections", "IDLE_QUIET_SECONDS"]

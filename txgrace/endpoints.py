@@ -39,15 +39,15 @@ def unparseEndpoint(args: tuple[object, ...], kwargs: dict[str, object]) -> str:
     return ":".join(parts)
 
 
-def socketKey(kind: str, host: str, port: object) -> str:
+def socketKey(kind: str, address: str) -> str:
     """
-    The default name of a socket, as passed in C{LISTEN_FDNAMES}: made from
-    the address asked for (not the one bound), so that C{grace:tcp:0} finds
-    its socket again after a restart.  C{%} and C{:} are escaped because
+    The default name of a socket, as passed in C{LISTEN_FDNAMES}: C{kind}
+    and the address asked for (not the one bound, so that C{grace:tcp:0}
+    finds its socket again after a restart), such as C{tcp/127.0.0.1/8080}
+    or C{unix//run/app.sock}.  C{%} and C{:} are escaped because
     C{LISTEN_FDNAMES} separates names with colons.
     """
-    raw = f"{kind}/{host}/{port}" if host or port != "" else f"{kind}/{host}"
-    return raw.replace("%", "%25").replace(":", "%3A")
+    return f"{kind}/{address}".replace("%", "%25").replace(":", "%3A")
 
 
 class _AdoptingReactor:
@@ -80,7 +80,7 @@ class _AdoptingReactor:
         self, kind: str, port: int, factory: Any, backlog: int, interface: str
     ) -> Any:
         family, address = self._inetAddress(interface, port)
-        key = self._endpoint.name or socketKey(kind, interface or "*", port)
+        key = self._endpoint.name or socketKey(kind, f"{interface or '*'}/{port}")
         return adoptPort(
             self._reactor,
             self._endpoint.registry,
@@ -121,7 +121,7 @@ class _AdoptingReactor:
         # wantPID (lockfile=1) is not used: two generations share the path on
         # purpose, and a stale socket file is found by connecting to it.
         path = address if isinstance(address, str) else address.decode()
-        key = self._endpoint.name or socketKey("unix", path, "")
+        key = self._endpoint.name or socketKey("unix", path)
         return adoptPort(
             self._reactor,
             self._endpoint.registry,

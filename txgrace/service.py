@@ -160,6 +160,7 @@ class GraceService(MultiService):
         """
         if isinstance(endpoint, str):
             endpoint = serverFromString(self._reactor, endpoint)
+        assert IStreamServerEndpoint.providedBy(endpoint)
         _ListeningService(endpoint, factory).setServiceParent(self)
 
     # Start and readiness
@@ -217,11 +218,11 @@ class GraceService(MultiService):
     # Signals
 
     def _installHandlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(signum) != signal.SIG_IGN:
-                signal.signal(signum, self._onStopSignal)
-        for signum in self.restartSignals:
-            signal.signal(signum, self._onRestartSignal)
+        for stopSignal in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(stopSignal) != signal.SIG_IGN:
+                signal.signal(stopSignal, self._onStopSignal)
+        for restartSignal in self.restartSignals:
+            signal.signal(restartSignal, self._onRestartSignal)
 
     def _onStopSignal(self, signum: int, frame: Any) -> None:
         # Runs between bytecodes: hand the work to the reactor thread.  Only
@@ -327,7 +328,8 @@ class GraceService(MultiService):
         d.addCallback(lambda ignored: self._startDrain())
         d.addCallback(lambda ignored: MultiService.stopService(self))
         if final and self.pidFile is not None:
-            d.addCallback(lambda ignored: removePidFile(self.pidFile, self._pid))
+            pidFile = self.pidFile
+            d.addCallback(lambda ignored: removePidFile(pidFile, self._pid))
         return d
 
     def _startDrain(self) -> Deferred[DrainResult]:
