@@ -225,6 +225,12 @@ class Drain:
         if h2.streams:
             self._later(_H2_POLL_SECONDS, self._closeH2WhenIdle, connection, h2)
         else:
+            # H2Connection registers itself as the transport's producer, and
+            # TLS postpones its close until the producer is gone.
+            try:
+                h2.transport.unregisterProducer()
+            except RuntimeError:
+                pass  # Some transports refuse when none is registered.
             h2.transport.loseConnection()
 
     def _finishIfEmpty(self) -> None:
