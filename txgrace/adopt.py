@@ -69,22 +69,41 @@ class SocketRegistry:
     def claim(self, key: str, family: int, address: object) -> InheritedSocket | None:
         """
         Take the inherited socket for C{key}: the one of that name, else the
-        one bound to C{address} in C{family}.
+        one bound to C{address} in C{family}.  A socket found by name must
+        be bound to C{address} too (any port, when port 0 is asked for):
+        one bound elsewhere is logged and left alone, never adopted.
         """
         candidates = self.inherited()
         wanted = normalizeAddress(family, address)
-        byName = [s for s in candidates if s.name == key]
-        byAddress = [s for s in candidates if (s.family, s.address) == (family, wanted)]
-        for inherited in byName + byAddress:
-            candidates.remove(inherited)
-            log.info(
-                "Adopting inherited fd {fd} ({name}) for {key}",
-                fd=inherited.fd,
-                name=inherited.name,
-                key=key,
-            )
-            return inherited
-        return None
+        found = None
+        for inherited in candidates:
+            if inherited.name == key:
+                if _sameAddress(inherited, family, wanted):
+                    found = inherited
+                    break
+                log.error(
+                    "Not adopting inherited fd {fd} ({name}): it is bound to "
+                    "{bound}, not {wanted}",
+                    fd=inherited.fd,
+                    name=inherited.name,
+                    bound=inherited.address,
+                    wanted=wanted,
+                )
+        if found is None:
+            for inherited in candidates:
+                if (inherited.family, inherited.address) == (family, wanted):
+                    found = inherited
+                    break
+        if found is None:
+            return None
+        candidates.remove(found)
+        log.info(
+            "Adopting inherited fd {fd} ({name}) for {key}",
+            fd=found.fd,
+            name=found.name,
+            key=key,
+        )
+        return found
 
     def closeUnclaimed(self) -> None:
         """
@@ -147,6 +166,20 @@ class SocketRegistry:
         factories, self._factoriesToStop = self._factoriesToStop, []
         for factory in factories:
             factory.doStop()
+
+
+def _sameAddress(inherited: InheritedSocket, family: int, wanted: object) -> bool:
+    if inherited.family != family:
+        return False
+    if inherited.address == wanted:
+        return True
+    # grace:tcp:0 adopts its socket whatever port the kernel gave it.
+    return (
+        isinstance(wanted, tuple)
+        and isinstance(inherited.address, tuple)
+        and wanted[1] == 0
+        and wanted[0] == inherited.address[0]
+    )
 
 
 registry = SocketRegistry()

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -165,15 +165,23 @@ class Successor:
         self._result.callback(self.pid)
 
     def _ended(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        status = f"signal {sig}" if sig is not None else f"status {code}"
+        if self._outcome == "ready":
+            log.error(
+                "Successor pid {pid} exited with {status} after it was ready",
+                pid=self.pid,
+                status=status,
+            )
+            return
         if self._outcome is not None:
             return
-        if reason.check(ProcessDone):
-            status = "status 0"
-        else:
-            code = getattr(reason.value, "exitCode", None)
-            sig = getattr(reason.value, "signal", None)
-            status = f"signal {sig}" if sig is not None else f"status {code}"
-        self._fail(f"exited with {status} before it was ready")
+        why = f"exited with {status} before it was ready"
+        if code == 127 and not os.access(self._command[0], os.X_OK):
+            # /bin/sh could not exec it: say what is missing.
+            why += f": {self._command[0]} does not exist or is not executable"
+        self._fail(why)
 
     def _fail(self, why: str) -> None:
         self._outcome = "failed"

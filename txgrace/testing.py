@@ -63,7 +63,8 @@ class ServerProcess:
     """
     An application under C{python -m twisted --log-format json txgrace ...}
     (or C{command}, which must log JSON to stdout) and every successor it
-    starts; they all share one stdout, read here as log events.
+    starts; they all share one stdout, read here as log events.  C{passFDs}
+    are descriptors the first process inherits.
 
     @ivar events: Every JSON log event so far, from every generation.
     @ivar lines: Every other line written to stdout or stderr.
@@ -76,6 +77,7 @@ class ServerProcess:
         cwd: str | None = None,
         twistArguments: Sequence[str] = (),
         command: Sequence[str] | None = None,
+        passFDs: Sequence[int] = (),
     ) -> None:
         self.arguments = list(arguments)
         self.events: list[dict[str, Any]] = []
@@ -101,6 +103,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env=environment,
             cwd=cwd,
+            pass_fds=tuple(passFDs),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -6,12 +6,19 @@ C{twist txgrace --app txgrace.test._apps.site}.
   /sleep?duration=SECONDS answers after that long ("slept ... from pid N")
   /forever                never answers
 
+  /spawn                  runs a subprocess and answers with the environment
+                          and descriptors it saw
+
 If the file named by C{$TXGRACE_TEST_FAULT} exists when the module is
 imported, its content makes this process misbehave: C{crash} raises at
-import, C{hang} never becomes ready.  Tests write it to make a successor fail.
+import, C{hang} never becomes ready, C{exit-after-bind} exits with status 3
+once its ports listen but before it is ready, C{exit-after-ready} exits
+with status 4 just after it is ready.  Tests write it to make a successor
+fail.
 """
 
 import os
+import subprocess
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -38,6 +45,11 @@ if _FAULT == "crash":
     raise RuntimeError("crashing on purpose (TXGRACE_TEST_FAULT)")
 if _FAULT == "hang":
     holdReadiness(Deferred())
+if _FAULT == "exit-after-bind":
+    holdReadiness(Deferred())
+    reactor.callWhenRunning(reactor.callLater, 0.2, os._exit, 3)
+if _FAULT == "exit-after-ready":
+    reactor.callWhenRunning(reactor.callLater, 0.3, os._exit, 4)
 
 
 class Sleep(Resource):
@@ -64,6 +76,21 @@ class Forever(Resource):
         return NOT_DONE_YET
 
 
+class Spawn(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        # What an application's own subprocess inherits, spawned carelessly
+        # (close_fds=False, as os.system would): only close-on-exec
+        # descriptors stay out of it.
+        return subprocess.run(
+            ["/bin/sh", "-c", "env; echo FDS $(ls /proc/self/fd | tr '\\n' ' ')"],
+            capture_output=True,
+            check=True,
+            close_fds=False,
+        ).stdout
+
+
 class Root(Resource):
     def getChild(self, path, request):
         if path == b"":
@@ -77,4 +104,5 @@ class Root(Resource):
 root = Root()
 root.putChild(b"sleep", Sleep())
 root.putChild(b"forever", Forever())
+root.putChild(b"spawn", Spawn())
 site = Site(root)

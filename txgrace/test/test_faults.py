@@ -1,0 +1,463 @@
+"""
+Every way a deploy goes wrong, with real processes on loopback.  Each test
+checks what clients saw (no failed request wherever the old process could
+still serve) and what the operator saw (one log line naming the cause).
+
+The README's "Reliability" table is drawn from these tests:
+C{trial txgrace.test.test_faults} reproduces it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import time
+import venv
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from txgrace.test.test_process import (
+    APP,
+    LOCAL,
+    _Background,
+    runTwist,
+    shortTemporaryDirectory,
+    startServer,
+)
+from txgrace.test.test_restart import get, restart
+from txgrace.testing import (
+    HTTPLoad,
+    ServerProcess,
+    Serving,
+    isAlive,
+    slowRequest,
+    waitUntil,
+)
+
+
+class _FaultMixin:
+    """
+    A server whose successors can be made to misbehave through
+    C{$TXGRACE_TEST_FAULT}, under continuous load.
+    """
+
+    def startFaulty(self: TestCase, *extra: str) -> tuple[ServerProcess, Serving, str]:
+        fault = os.path.abspath(self.mktemp())
+        env = dict(os.environ, TXGRACE_TEST_FAULT=fault)
+        server, serving = startServer(self, *extra, env=env)
+        return server, serving, fault
+
+    def failSuccessor(
+        self: TestCase, mode: str, expected: str, *extra: str
+    ) -> tuple[ServerProcess, Serving]:
+        """
+        Make the next successor fail with C{mode} under load; check that the
+        operator sees C{expected}, that no request failed, that the old
+        process serves on, and that a later restart works.
+        """
+        server, serving, fault = self.startFaulty(*extra)  # type: ignore[attr-defined]
+        load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
+        self.addCleanup(load.stop)
+        with open(fault, "w") as f:
+            f.write(mode)
+        server.signal(signal.SIGHUP)
+        server.waitForMessage(expected)
+        self.assertIn(f"pid {serving.pid}".encode(), get(serving.port()))
+        os.unlink(fault)
+        successor = restart(server, serving)
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertIn(serving.pid, result.pids)
+        self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
+        return server, successor
+
+
+class SuccessorFaultTests(_FaultMixin, TestCase):
+    """
+    A successor that fails before it is ready costs nothing.
+    """
+
+    def test_crashWhileImporting(self) -> None:
+        """
+        The app raises while being imported in the successor.
+        """
+        self.failSuccessor(
+            "crash", r"Restart failed, .*exited with status 1 before it was ready"
+        )
+
+    def test_exitAfterBindBeforeReady(self) -> None:
+        """
+        The successor listens on the inherited sockets, then dies before it
+        is ready.
+        """
+        self.failSuccessor(
+            "exit-after-bind",
+            r"Restart failed, .*exited with status 3 before it was ready",
+        )
+
+    def test_hangsBeforeReady(self) -> None:
+        """
+        The successor never becomes ready: killed at C{--ready-timeout}.
+        """
+        self.failSuccessor(
+            "hang",
+            r"Restart failed, .*was not ready within 1s and was killed",
+            "--ready-timeout",
+            "1",
+        )
+
+    def test_killedMidHandover(self) -> None:
+        """
+        The successor is killed with SIGKILL before it is ready.
+        """
+        server, serving, fault = self.startFaulty("--ready-timeout", "30")
+        load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
+        self.addCleanup(load.stop)
+        with open(fault, "w") as f:
+            f.write("hang")
+        server.signal(signal.SIGHUP)
+        started = server.waitForMessage("Started successor pid")
+        waitUntil(lambda: isAlive(started["pid"]), 5)
+        os.kill(started["pid"], signal.SIGKILL)
+        server.waitForMessage(
+            r"Restart failed, .*exited with signal 9 before it was ready"
+        )
+        os.unlink(fault)
+        restart(server, serving)
+        self.assertEqual(dict(load.stop().failures), {})
+
+    def test_exitJustAfterReady(self) -> None:
+        """
+        A successor that dies just after it is ready has already taken over;
+        its predecessor, if still draining, says so in one line.
+        """
+        server, serving, fault = self.startFaulty()
+        slow = _Background(slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=2")
+        server.waitForMessage("sleeping 2")
+        with open(fault, "w") as f:
+            f.write("exit-after-ready")
+        server.signal(signal.SIGHUP)
+        server.waitServing(2)
+        server.waitForMessage(r"Successor pid \d+ exited with status 4 after it was ready")
+        self.assertEqual(slow.join()[0], 200)
+
+    def test_commandMissing(self) -> None:
+        """
+        The successor's command no longer exists (a removed virtualenv): the
+        old process serves on and says what is missing.
+        """
+        directory = os.path.join(shortTemporaryDirectory(self), "venv")
+        venv.create(directory, with_pip=False)
+        python = os.path.join(directory, "bin", "python")
+        purelib = subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+        with open(os.path.join(purelib, "this_environment.pth"), "w") as pth:
+            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        server = ServerProcess(
+            [],
+            command=[
+                python, "-m", "twisted", "--log-format", "json", "txgrace",
+                "--endpoint", LOCAL, "--app", APP,
+            ],
+        )
+        self.addCleanup(server.kill)
+        serving = server.waitServing()
+        shutil.rmtree(directory)
+        server.signal(signal.SIGHUP)
+        server.waitForMessage(
+            r"Restart failed, .*status 127 before it was ready: .*/python does "
+            r"not exist or is not executable"
+        )
+        self.assertIn(f"pid {serving.pid}".encode(), get(serving.port()))
+
+
+class PredecessorFaultTests(TestCase):
+    """
+    The old process failing during its drain hurts only its own connections.
+    """
+
+    def test_oldKilledWhileDraining(self) -> None:
+        """
+        SIGKILL of the draining predecessor cuts only its own slow request;
+        the successor and its clients are unaffected.
+        """
+        server, serving = startServer(self)
+        slow = _Background(slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=5")
+        server.waitForMessage("sleeping 5")
+        server.signal(signal.SIGHUP)
+        successor = server.waitServing(2)
+        load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
+        self.addCleanup(load.stop)
+        server.waitForMessage("Draining 1 connections")
+        os.kill(serving.pid, signal.SIGKILL)
+        self.assertRaises(Exception, slow.join)
+        time.sleep(0.5)
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertEqual(set(result.pids), {successor.pid})
+
+
+class StormTests(TestCase):
+    """
+    Many restart signals: one restart at a time, all requests served, no
+    stray process.
+    """
+
+    def test_restartStorm(self) -> None:
+        """
+        20 restart signals within one second to whichever process serves,
+        then 20 more spread over 10 s: every successor that was started
+        became ready, generations follow one another, every request is
+        served, and only the newest process is left.
+        """
+        path = os.path.abspath(self.mktemp())
+        server, serving = startServer(self, "--pidfile", path)
+        load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
+        self.addCleanup(load.stop)
+
+        def signalServing() -> None:
+            try:
+                with open(path) as f:
+                    os.kill(int(f.read()), signal.SIGHUP)
+            except (OSError, ValueError):
+                pass
+
+        for _ in range(20):
+            signalServing()
+            time.sleep(0.05)
+        for _ in range(20):
+            signalServing()
+            time.sleep(0.5)
+        started = len([m for m in server.messages() if "Started successor pid" in m])
+        last = server.waitServing(started + 1)
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        generations = [s.generation for s in server.serving()]
+        self.assertEqual(generations, list(range(1, started + 2)))
+        self.assertNotIn("Restart failed", "\n".join(server.messages()))
+        self.assertTrue(
+            waitUntil(
+                lambda: [p for p in server.pids() if isAlive(p)] == [last.pid], 30
+            ),
+            [p for p in server.pids() if isAlive(p)],
+        )
+        self.assertGreater(started, 2)
+
+    def test_restartWhileDrainingThirtySecondRequest(self) -> None:
+        """
+        Two restarts while the first generation drains a 30 s request: the
+        request completes from generation 1, and generation 3 serves.
+        """
+        server, serving = startServer(self)
+        slow = _Background(
+            slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=30", 60
+        )
+        server.waitForMessage("sleeping 30")
+        server.signal(signal.SIGHUP)
+        second = server.waitServing(2)
+        third = restart(server, second)
+        self.assertIn(f"pid {third.pid}".encode(), get(serving.port()))
+        status, body = slow.join(60)
+        self.assertEqual(status, 200)
+        self.assertIn(f"from pid {serving.pid}".encode(), body)
+
+
+class FileDescriptorLimitTests(TestCase):
+    """
+    Running out of descriptors is survived.
+    """
+
+    def test_lowDescriptorLimit(self) -> None:
+        """
+        With C{ulimit -n 64}, 80 connections exhaust the descriptors; once
+        they close, accepting resumes, and a restart works.
+        """
+        command = (
+            "ulimit -n 64 && exec %s -m twisted --log-format json txgrace "
+            "--endpoint %s --app %s" % (sys.executable, LOCAL, APP)
+        )
+        server = ServerProcess([], command=["/bin/sh", "-c", command])
+        self.addCleanup(server.kill)
+        serving = server.waitServing()
+        hogs = []
+        for _ in range(80):
+            try:
+                hogs.append(
+                    socket.create_connection(("127.0.0.1", serving.port()), timeout=5)
+                )
+            except OSError:
+                break
+        for hog in hogs:
+            hog.close()
+        self.assertTrue(
+            waitUntil(lambda: _answers(serving.port(), serving.pid), 10),
+            "accepting did not resume",
+        )
+        successor = restart(server, serving)
+        self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
+
+
+def _answers(port: int, pid: int) -> bool:
+    try:
+        return f"pid {pid}".encode() in slowRequest("127.0.0.1", port, "/", 2)[1]
+    except Exception:
+        return False
+
+
+class BadInputTests(TestCase):
+    """
+    Bad input: one clear line naming the input, a non-zero exit, no
+    traceback.
+    """
+
+    def assertOneLineError(
+        self, result: subprocess.CompletedProcess[str], *words: str
+    ) -> None:
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        for word in words:
+            self.assertIn(word, output)
+
+    def test_appRaisesOnImport(self) -> None:
+        """
+        An exception raised while importing C{--app} is shown with its own
+        message.
+        """
+        fault = os.path.abspath(self.mktemp())
+        with open(fault, "w") as f:
+            f.write("crash")
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "txgrace", "--endpoint", LOCAL,
+             "--app", APP],
+            capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+        )
+        self.assertOneLineError(
+            result, "RuntimeError: crashing on purpose", "txgrace.test._apps"
+        )
+
+    def test_missingCertificate(self) -> None:
+        """
+        A missing certificate file is named.
+        """
+        result = runTwist(
+            "--endpoint",
+            "grace:ssl:0:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem",
+            "--app", APP,
+        )
+        self.assertOneLineError(result, "/nonexistent/")
+
+    def test_privilegedPort(self) -> None:
+        """
+        A port that needs privileges fails with its address, for a user
+        without them.
+        """
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise SkipTest("running as root and setpriv is missing")
+            prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        else:
+            prefix = []
+        result = subprocess.run(
+            [*prefix, sys.executable, "-m", "twisted", "txgrace", "--endpoint",
+             "grace:tcp:81:interface=127.0.0.1", "--app", APP],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )
+        if "Permission denied" not in result.stdout + result.stderr and result.returncode == 0:
+            raise SkipTest("this user may bind port 81")
+        self.assertOneLineError(result, "127.0.0.1:81", "Permission denied")
+
+    def test_pidfileDirectoryMissing(self) -> None:
+        """
+        A pidfile in a missing directory is refused before anything starts.
+        """
+        result = runTwist(
+            "--endpoint", LOCAL, "--app", APP, "--pidfile", "/nonexistent/dir/x.pid"
+        )
+        self.assertOneLineError(result, "/nonexistent/dir/x.pid")
+
+    def test_negativeReadyTimeout(self) -> None:
+        """
+        A negative ready timeout is refused, naming the option.
+        """
+        result = runTwist("--endpoint", LOCAL, "--app", APP, "--ready-timeout", "-1")
+        self.assertOneLineError(result, "--ready-timeout", "'-1'")
+
+    def test_inheritedSocketElsewhere(self) -> None:
+        """
+        An inherited socket named like the endpoint but bound to another
+        address is not adopted: it is logged, closed, and a fresh socket is
+        bound.
+        """
+        elsewhere = socket.socket()
+        self.addCleanup(elsewhere.close)
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen(1)
+        elsewhere.set_inheritable(True)
+        script = (
+            'exec 3<&%d; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$@"'
+            % elsewhere.fileno()
+        )
+        server = ServerProcess(
+            [],
+            command=[
+                "/bin/sh", "-c", script, "sh", sys.executable, "-m", "twisted",
+                "--log-format", "json", "txgrace", "--endpoint",
+                "grace:tcp:0:interface=127.0.0.2:name=web", "--app", APP,
+            ],
+            passFDs=[elsewhere.fileno()],
+        )
+        self.addCleanup(server.kill)
+        serving = server.waitServing()
+        self.assertEqual(serving.addresses[0][1], "127.0.0.2")
+        server.waitForMessage(r"Not adopting inherited fd 3 \(web\): it is bound to")
+        server.waitForMessage(r"Closing inherited fd 3 \(web\)")
+
+
+class SecurityTests(TestCase):
+    """
+    Nothing private leaks.
+    """
+
+    def test_subprocessSeesNoListenState(self) -> None:
+        """
+        After a handover, a subprocess the application spawns (even with
+        close_fds=False) sees no C{LISTEN_*} or C{TXGRACE_READY_FD} variable
+        and no descriptor beyond its own.
+        """
+        server, serving = startServer(self)
+        successor = restart(server, serving)
+        output = get(serving.port(), "/spawn").decode()
+        self.assertNotIn("LISTEN_", output)
+        self.assertNotIn("TXGRACE_READY_FD", output)
+        fds = output.split("FDS", 1)[1].split()
+        # stdin, stdout, stderr, the pipes of subprocess.run, and ls's own.
+        self.assertTrue(all(int(fd) <= 3 or fd in ("4", "5") for fd in fds), fds)
+        self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
+
+    def test_unixModeNeverLooser(self) -> None:
+        """
+        Even under umask 000 the socket file is never more permissive than
+        C{mode=}, before or after a handover.
+        """
+        path = os.path.join(shortTemporaryDirectory(self), "s.sock")
+        command = (
+            "umask 000 && exec %s -m twisted --log-format json txgrace "
+            "--endpoint grace:unix:%s:mode=600 --app %s" % (sys.executable, path, APP)
+        )
+        server = ServerProcess([], command=["/bin/sh", "-c", command])
+        self.addCleanup(server.kill)
+        serving = server.waitServing()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        restart(server, serving)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
