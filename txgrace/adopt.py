@@ -43,6 +43,10 @@ class SocketRegistry:
     @ivar connections: Every open connection accepted through a grace port.
     @ivar handingOver: C{True} once a successor has taken over the sockets:
         stopping a port must then leave UNIX socket paths in place.
+    @ivar acceptLimit: The most connections a port accepts per wakeup, or
+        L{None} for Twisted's adaptive batch.  Workers sharing one socket
+        use 1: with batches, the first worker to wake takes every queued
+        connection and the others sit idle.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class SocketRegistry:
         self.ports: dict[str, Any] = {}
         self.connections: set[Any] = set()
         self.handingOver = False
+        self.acceptLimit: int | None = None
         self._connectionLostObservers: list[Callable[[Any], None]] = []
         self._readinessHolds: list[Deferred[Any]] = []
         self._factoriesToStop: list[Any] = []
@@ -244,7 +249,12 @@ class _GracePort:
     key: str
     factory: Any
     numberAccepts: int
-    doRead: Callable[[], Any]
+
+    def doRead(self) -> Any:
+        limit = self.registry.acceptLimit
+        if limit is not None and self.numberAccepts > limit:
+            self.numberAccepts = limit
+        return super().doRead()  # type: ignore[misc]
 
     def acceptBacklog(self) -> None:
         """
@@ -253,7 +263,7 @@ class _GracePort:
         """
         if getattr(self, "connected", False):
             self.numberAccepts = 1 << 16
-            self.doRead()
+            super().doRead()  # type: ignore[misc]
 
     def _closed(self, reason: Failure, connectionLost: Callable[..., None]) -> None:
         """

@@ -2,12 +2,16 @@
 """
 Where the successor is spawned: the same command in the same directory and
 environment, with the listening sockets as descriptors 3..n, and a private
-pipe on which it reports that it is ready.  A successor that exits first, or
-is not ready in time, is killed and the restart fails: the caller goes on
-serving.
+control channel (a socketpair) on which it reports that it is ready.  A
+successor that exits first, or is not ready in time, is killed and the
+restart fails: the caller goes on serving.
 
-Both ends of the readiness pipe live here: L{Successor} in the old process,
-L{reportReady} in the new one.
+A master's worker is a successor whose supervisor stays: it keeps the
+control channel open, drains when the master writes C{STOP}, and drains too
+when the channel closes because the master is gone.
+
+Both ends of the control channel live here: L{Successor} in the parent,
+L{takeControlChannel} and L{reportReady} in the child.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,9 +34,11 @@ from txgrace.inherit import LISTEN_FDS_START, listenEnvironment, trampoline
 
 log = Logger()
 
-READY_FD_VARIABLE = "TXGRACE_READY_FD"
+CONTROL_FD_VARIABLE = "TXGRACE_CONTROL_FD"
+WORKER_VARIABLE = "TXGRACE_WORKER"
 GENERATION_VARIABLE = "TXGRACE_GENERATION"
-_READY = b"READY\n"
+READY = b"READY"
+STOP = b"STOP"
 
 startDirectory = os.getcwd()
 """
@@ -66,24 +74,35 @@ def generation() -> int:
 class _SuccessorProtocol(ProcessProtocol):
     def __init__(self, successor: Successor) -> None:
         self._successor = successor
-        self._buffer = b""
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == self._successor.readyFD:
-            self._buffer += data
-            if _READY in self._buffer:
-                self._successor._becameReady()
 
     def processEnded(self, reason: Failure) -> None:
         self._successor._ended(reason)
 
 
+class _ControlProtocol(LineOnlyReceiver):
+    """
+    The parent's end of a child's control channel.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, successor: Successor) -> None:
+        self._successor = successor
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == READY:
+            self._successor._becameReady()
+
+
 class Successor:
     """
-    One attempt to start a successor.
+    One process started with this process's listening sockets: a successor
+    that takes over, or (C{worker=True}) a master's worker.
 
-    @ivar pid: The successor's pid once spawned.
-    @ivar readyFD: The successor's descriptor for the readiness pipe.
+    @ivar pid: Its pid once spawned.
+    @ivar controlFD: Its descriptor for the control channel.
+    @ivar ended: Fires with a description of its exit status once it exits,
+        ready or not.
     """
 
     def __init__(
@@ -92,16 +111,21 @@ class Successor:
         ports: Sequence[Any],
         readyTimeout: float,
         command: Sequence[str] | None = None,
+        worker: bool = False,
     ) -> None:
         self._reactor = reactor
         self._ports = list(ports)
         self._readyTimeout = readyTimeout
         self._command = list(successorCommand() if command is None else command)
-        self.readyFD = LISTEN_FDS_START + len(self._ports)
+        self._worker = worker
+        self._kind = "worker" if worker else "successor"
+        self.controlFD = LISTEN_FDS_START + len(self._ports)
         self.pid: int | None = None
+        self.ended: Deferred[str] = Deferred()
         self._result: Deferred[int] = Deferred()
         self._timeout: Any = None
         self._process: Any = None
+        self._control: _ControlProtocol | None = None
         self._outcome: str | None = None
 
     def start(self) -> Deferred[int]:
@@ -114,11 +138,20 @@ class Successor:
         childFDs: dict[int, Any] = {0: 0, 1: 1, 2: 2}
         for index, port in enumerate(self._ports):
             childFDs[LISTEN_FDS_START + index] = port.fileno()
-        childFDs[self.readyFD] = "r"
         environment = listenEnvironment(os.environ, [port.key for port in self._ports])
-        environment[READY_FD_VARIABLE] = str(self.readyFD)
-        environment[GENERATION_VARIABLE] = str(generation() + 1)
+        environment[CONTROL_FD_VARIABLE] = str(self.controlFD)
+        if self._worker:
+            environment[WORKER_VARIABLE] = "1"
+        else:
+            environment.pop(WORKER_VARIABLE, None)
+            environment[GENERATION_VARIABLE] = str(generation() + 1)
         argv = trampoline(self._command)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            self._fail(f"could not be started: {e}")
+            return self._result
+        childFDs[self.controlFD] = theirs.fileno()
         try:
             self._process = self._reactor.spawnProcess(
                 _SuccessorProtocol(self),
@@ -129,11 +162,21 @@ class Successor:
                 childFDs=childFDs,
             )
         except OSError as e:
+            ours.close()
             self._fail(f"could not be started: {e}")
             return self._result
+        finally:
+            theirs.close()
+        self._control = _ControlProtocol(self)
+        ours.setblocking(False)
+        self._reactor.adoptStreamConnection(
+            ours.fileno(), socket.AF_UNIX, _OneProtocolFactory(self._control)
+        )
+        ours.close()
         self.pid = self._process.pid
         log.info(
-            "Started successor pid {pid}: {command}",
+            "Started {kind} pid {pid}: {command}",
+            kind=self._kind,
             pid=self.pid,
             command=" ".join(self._command),
         )
@@ -142,15 +185,29 @@ class Successor:
 
     def kill(self, why: str) -> None:
         """
-        Kill a successor that is not ready yet; the restart fails with C{why}.
+        Kill a child that is not ready yet; its start fails with C{why}.
         """
         if self._outcome is not None:
             return
+        self.signal("KILL")
+        self._fail(why)
+
+    def signal(self, name: str) -> None:
+        """
+        Send the signal C{name} (such as C{"TERM"}) if the child still runs.
+        """
         try:
-            self._process.signalProcess("KILL")
+            self._process.signalProcess(name)
         except (ProcessExitedAlready, AttributeError):
             pass
-        self._fail(why)
+
+    def stop(self) -> None:
+        """
+        Ask a worker to drain and exit.
+        """
+        control = self._control
+        if control is not None and control.transport is not None:
+            control.transport.write(STOP + b"\n")
 
     def _tooSlow(self) -> None:
         self._timeout = None
@@ -168,12 +225,16 @@ class Successor:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         status = f"signal {sig}" if sig is not None else f"status {code}"
+        if self._control is not None and self._control.transport is not None:
+            self._control.transport.loseConnection()
+        self.ended.callback(status)
         if self._outcome == "ready":
-            log.error(
-                "Successor pid {pid} exited with {status} after it was ready",
-                pid=self.pid,
-                status=status,
-            )
+            if not self._worker:
+                log.error(
+                    "Successor pid {pid} exited with {status} after it was ready",
+                    pid=self.pid,
+                    status=status,
+                )
             return
         if self._outcome is not None:
             return
@@ -187,7 +248,7 @@ class Successor:
         self._outcome = "failed"
         self._cancelTimeout()
         self._result.errback(
-            Failure(SuccessorFailed(f"successor pid {self.pid} {why}"))
+            Failure(SuccessorFailed(f"{self._kind} pid {self.pid} {why}"))
         )
 
     def _cancelTimeout(self) -> None:
@@ -196,38 +257,87 @@ class Successor:
         self._timeout = None
 
 
-def takeReadyChannel(environ: Any = None) -> int | None:
+class _OneProtocolFactory(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def takeControlChannel(environ: Any = None) -> tuple[int | None, bool]:
     """
-    Take the readiness pipe that a predecessor passed, if any: remove its
-    variable from the environment and keep the application's subprocesses
+    Take the control channel that a parent passed, if any: remove its
+    variables from the environment and keep the application's subprocesses
     from inheriting it.
 
-    @return: Its descriptor, or L{None} when this process is not a successor.
+    @return: Its descriptor (L{None} when this process has no parent of
+        ours), and whether this process is a master's worker.
     """
     environ = os.environ if environ is None else environ
-    value = environ.pop(READY_FD_VARIABLE, None)
+    value = environ.pop(CONTROL_FD_VARIABLE, None)
+    worker = environ.pop(WORKER_VARIABLE, None) == "1"
     if value is None:
-        return None
+        return None, False
     try:
         fd = int(value)
         flags = fcntl.fcntl(fd, fcntl.F_GETFD)
     except (ValueError, OSError):
-        log.error("Ignoring {variable}={value!r}", variable=READY_FD_VARIABLE, value=value)
-        return None
+        log.error("Ignoring {variable}={value!r}", variable=CONTROL_FD_VARIABLE, value=value)
+        return None, False
     fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-    return fd
+    return fd, worker
 
 
 def reportReady(fd: int) -> None:
     """
-    Tell the predecessor that this process is ready, and close the pipe.
+    Tell the predecessor that this successor is ready, and close the
+    channel.
     """
     try:
-        os.write(fd, _READY)
+        os.write(fd, READY + b"\n")
     except OSError as e:
         log.error("Cannot report ready to the predecessor: {error}", error=e)
     finally:
         os.close(fd)
+
+
+class WorkerControl(LineOnlyReceiver):
+    """
+    A worker's end of its control channel: C{READY} goes up, C{STOP} comes
+    down, and a closed channel means the master is gone.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, stop: Callable[[str], None]) -> None:
+        self._stop = stop
+
+    def ready(self) -> None:
+        """
+        Tell the master this worker is ready.
+        """
+        if self.transport is not None:
+            self.sendLine(READY)
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == STOP:
+            self._stop("the master asked this worker to stop")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop("the master is gone")
+
+
+def adoptWorkerControl(reactor: Any, fd: int, stop: Callable[[str], None]) -> WorkerControl:
+    """
+    Listen on a worker's control channel C{fd}; C{stop} is called with the
+    reason when the worker should drain and exit.
+    """
+    control = WorkerControl(stop)
+    os.set_blocking(fd, False)
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _OneProtocolFactory(control))
+    os.close(fd)
+    return control
 
 
 def ignoreRestartSignals(signals: Sequence[int]) -> None:

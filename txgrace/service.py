@@ -24,10 +24,12 @@ from txgrace.drain import Drain, DrainResult, drainConnections
 from txgrace.pidfile import removePidFile, writePidFile
 from txgrace.restart import (
     Successor,
+    WorkerControl,
+    adoptWorkerControl,
     generation,
     ignoreRestartSignals,
     reportReady,
-    takeReadyChannel,
+    takeControlChannel,
 )
 
 log = Logger()
@@ -113,7 +115,14 @@ class GraceService(MultiService):
         connections are aborted; C{0} aborts at once, a negative value never.
     @ivar readyTimeout: Seconds a successor has to become ready.
     @ivar pidFile: A path kept naming the serving process, or L{None}.
+    @ivar shutdownDelay: Seconds to go on serving after SIGTERM before the
+        drain begins, for load balancers that take the server out of
+        rotation at the moment they send SIGTERM (Kubernetes).
     @ivar lastDrain: The L{DrainResult} of the last drain, once done.
+    @ivar worker: Whether this process is a master's worker (see
+        L{txgrace.master}): it is started, restarted and stopped by its
+        master, and accepts one connection per wakeup so that workers
+        sharing a socket share the load.
     """
 
     def __init__(
@@ -125,6 +134,7 @@ class GraceService(MultiService):
         reactor: Any = None,
         registry: SocketRegistry | None = None,
         installSignalHandlers: bool = True,
+        shutdownDelay: float = 0.0,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -135,11 +145,15 @@ class GraceService(MultiService):
         self.readyTimeout = readyTimeout
         self.pidFile = pidFile
         self.restartSignals = tuple(restartSignals)
+        self.shutdownDelay = shutdownDelay
         self.lastDrain: DrainResult | None = None
         self._reactor = reactor
         self._registry = processRegistry if registry is None else registry
         self._installSignalHandlers = installSignalHandlers
-        self._readyChannel = takeReadyChannel()
+        self._controlFD, self.worker = takeControlChannel()
+        self._workerControl: WorkerControl | None = None
+        if self.worker:
+            self._registry.acceptLimit = 1
         self._state = "starting"
         self._successor: Successor | None = None
         self._drain: Drain | None = None
@@ -174,6 +188,11 @@ class GraceService(MultiService):
         self._reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
+        if self.worker and self._controlFD is not None:
+            self._workerControl = adoptWorkerControl(
+                self._reactor, self._controlFD, self._stopAsWorker
+            )
+            self._controlFD = None
         if self._installSignalHandlers:
             self._installHandlers()
         holds = self._registry.readinessHolds()
@@ -194,9 +213,12 @@ class GraceService(MultiService):
             pid=self._pid,
             generation=generation(),
         )
-        if self._readyChannel is not None:
-            reportReady(self._readyChannel)
-            self._readyChannel = None
+        if self._workerControl is not None:
+            self._workerControl.ready()
+            return
+        if self._controlFD is not None:
+            reportReady(self._controlFD)
+            self._controlFD = None
             return
         sdnotify.notify("READY=1", f"MAINPID={self._pid}")
         if self.pidFile is not None:
@@ -238,9 +260,27 @@ class GraceService(MultiService):
                 log.info, "Already draining; a second signal aborts what is left"
             )
         else:
-            self._reactor.callFromThread(self._reactor.stop)
+            self._reactor.callFromThread(self._stopAfterDelay)
+
+    def _stopAfterDelay(self) -> None:
+        if self.shutdownDelay > 0:
+            log.info(
+                "Serving {delay}s more before draining (--shutdown-delay)",
+                delay=self.shutdownDelay,
+            )
+        self._reactor.callLater(max(self.shutdownDelay, 0), self._reactor.stop)
+
+    def _stopAsWorker(self, why: str) -> None:
+        if self._stopAsked or self._state in ("handedOver", "stopping"):
+            return
+        # Counts as the first stop signal: a SIGTERM now hammers.
+        self._stopAsked = True
+        log.info("Stopping: {why}", why=why)
+        self._reactor.stop()
 
     def _onRestartSignal(self, signum: int, frame: Any) -> None:
+        if self.worker:
+            return  # Workers are restarted by their master.
         self._reactor.callFromThread(self._restartOnSignal, signum)
 
     def _restartOnSignal(self, signum: int) -> None:

@@ -432,14 +432,14 @@ class SecurityTests(TestCase):
     def test_subprocessSeesNoListenState(self) -> None:
         """
         After a handover, a subprocess the application spawns (even with
-        close_fds=False) sees no C{LISTEN_*} or C{TXGRACE_READY_FD} variable
+        close_fds=False) sees no C{LISTEN_*} or C{TXGRACE_CONTROL_FD} variable
         and no descriptor beyond its own.
         """
         server, serving = startServer(self)
         successor = restart(server, serving)
         output = get(serving.port(), "/spawn").decode()
         self.assertNotIn("LISTEN_", output)
-        self.assertNotIn("TXGRACE_READY_FD", output)
+        self.assertNotIn("TXGRACE_CONTROL_FD", output)
         fds = output.split("FDS", 1)[1].split()
         # stdin, stdout, stderr, the pipes of subprocess.run, and ls's own.
         self.assertTrue(all(int(fd) <= 3 or fd in ("4", "5") for fd in fds), fds)
