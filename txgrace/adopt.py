@@ -386,6 +386,38 @@ def bindListeningSocket(
     return skt
 
 
+def _takeSocket(
+    registry: SocketRegistry,
+    key: str,
+    family: int,
+    address: Any,
+    backlog: int,
+    mode: int | None,
+    named: bool,
+) -> tuple[str, int]:
+    """
+    The inherited socket for C{key} or C{address}, or a fresh one.
+
+    @return: The key it is registered under (a derived key that is already
+        taken, as by two C{grace:tcp:0} endpoints, gets a number in listen
+        order) and its descriptor, which the caller must close.
+    """
+    if key in registry.ports:
+        if named:
+            raise ValueError(f"two grace endpoints use the socket name {key!r}")
+        key += "#" + str(
+            next(
+                n
+                for n in range(2, len(registry.ports) + 3)
+                if f"{key}#{n}" not in registry.ports
+            )
+        )
+    inherited = registry.claim(key, family, address)
+    if inherited is not None:
+        return key, inherited.fd
+    return key, bindListeningSocket(family, address, backlog, mode).detach()
+
+
 def adoptPort(
     reactor: Any,
     registry: SocketRegistry,
@@ -396,31 +428,17 @@ def adoptPort(
     backlog: int = 50,
     mode: int | None = None,
     named: bool = False,
-) -> _GracePort:
+) -> GraceTCPPort | GraceUNIXPort:
     """
     Listen with C{factory} on the inherited socket for C{key} or C{address},
     or on a fresh one.
 
-    @param named: Whether C{key} was given by the user (C{name=}); a derived
-        key that is already taken, as by two C{grace:tcp:0} endpoints, gets a
-        number instead, in the order the endpoints listen.
-
+    @param named: Whether C{key} was given by the user (C{name=}).
     @return: The listening port, registered under its key.
     @raise CannotListenError: If a fresh socket cannot be bound.
     @raise ValueError: If another grace port already uses the name C{key}.
     """
-    if key in registry.ports:
-        if named:
-            raise ValueError(f"two grace endpoints use the socket name {key!r}")
-        key += "#" + str(
-            next(n for n in range(2, len(registry.ports) + 3) if f"{key}#{n}" not in registry.ports)
-        )
-    inherited = registry.claim(key, family, address)
-    if inherited is not None:
-        fd = inherited.fd
-    else:
-        fresh = bindListeningSocket(family, address, backlog, mode)
-        fd = fresh.detach()
+    key, fd = _takeSocket(registry, key, family, address, backlog, mode, named)
     port: GraceTCPPort | GraceUNIXPort
     try:
         if family == socket.AF_UNIX:
@@ -441,6 +459,71 @@ def adoptPort(
     port.startListening()
     registry.ports[key] = port
     return port
+
+
+class HeldSocket:
+    """
+    A listening socket held, never accepted on: a master holds its
+    workers' sockets this way, so that they outlive every worker.
+
+    @ivar key: Its name in C{LISTEN_FDNAMES}.
+    @ivar socket: The socket.
+    """
+
+    def __init__(self, registry: SocketRegistry, key: str, skt: socket.socket) -> None:
+        self.registry = registry
+        self.key = key
+        self.socket = skt
+
+    def fileno(self) -> int:
+        """
+        The descriptor to pass to a worker.
+        """
+        return self.socket.fileno()
+
+    def describe(self) -> str:
+        """
+        Its address, as C{tcp:127.0.0.1:8080} or C{unix:/run/app.sock}.
+        """
+        address = self.socket.getsockname()
+        if self.socket.family == socket.AF_UNIX:
+            return "unix:" + (os.fsdecode(address) if isinstance(address, bytes) else address)
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        return f"tcp:{host}:{address[1]}"
+
+    def close(self, final: bool) -> None:
+        """
+        Close this copy; on a C{final} close, remove a UNIX socket's path.
+        """
+        if self.registry.ports.get(self.key) is self:
+            del self.registry.ports[self.key]
+        if final and self.socket.family == socket.AF_UNIX:
+            path = self.socket.getsockname()
+            if isinstance(path, str) and path and not path.startswith("\0"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.socket.close()
+
+
+def holdSocket(
+    registry: SocketRegistry,
+    key: str,
+    family: int,
+    address: Any,
+    backlog: int = 50,
+    mode: int | None = None,
+    named: bool = False,
+) -> HeldSocket:
+    """
+    Take the socket for C{key} or C{address} as L{adoptPort} would, and
+    hold it without accepting.
+    """
+    key, fd = _takeSocket(registry, key, family, address, backlog, mode, named)
+    held = HeldSocket(registry, key, socket.socket(fileno=fd))
+    registry.ports[key] = held
+    return held
 
 
 def stopListening(ports: Iterable[Any]) -> Deferred[Any]:

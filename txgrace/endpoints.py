@@ -20,7 +20,13 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from txgrace.adopt import SocketRegistry, adoptPort, registry as processRegistry
+from txgrace.adopt import (
+    HeldSocket,
+    SocketRegistry,
+    adoptPort,
+    holdSocket,
+    registry as processRegistry,
+)
 
 SUPPORTED_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
@@ -81,16 +87,7 @@ class _AdoptingReactor:
     ) -> Any:
         family, address = self._inetAddress(interface, port)
         key = self._endpoint.name or socketKey(kind, f"{interface or '*'}/{port}")
-        return adoptPort(
-            self._reactor,
-            self._endpoint.registry,
-            key,
-            family,
-            address,
-            factory,
-            backlog,
-            named=self._endpoint.name is not None,
-        )
+        return self._endpoint._take(key, family, address, factory, backlog, None)
 
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
@@ -107,7 +104,7 @@ class _AdoptingReactor:
     ) -> Any:
         # As IReactorSSL.listenSSL does.  The application's factory stays
         # directly under TLS, so ALPN (h2 or http/1.1) is negotiated with it.
-        tlsFactory = TLSMemoryBIOFactory(contextFactory, False, factory)
+        tlsFactory = TLSMemoryBIOFactory(contextFactory, False, factory) if factory else None
         return self._adoptInet("ssl", port, tlsFactory, backlog, interface)
 
     def listenUNIX(
@@ -122,17 +119,7 @@ class _AdoptingReactor:
         # purpose, and a stale socket file is found by connecting to it.
         path = address if isinstance(address, str) else address.decode()
         key = self._endpoint.name or socketKey("unix", path)
-        return adoptPort(
-            self._reactor,
-            self._endpoint.registry,
-            key,
-            socket.AF_UNIX,
-            path,
-            factory,
-            backlog,
-            mode,
-            named=self._endpoint.name is not None,
-        )
+        return self._endpoint._take(key, socket.AF_UNIX, path, factory, backlog, mode)
 
 
 @implementer(IStreamServerEndpoint)
@@ -159,6 +146,7 @@ class GraceServerEndpoint:
             description = "grace:" + inner + ("" if name is None else f":name={name}")
         self.description = description
         self.name = name
+        self._reactor = reactor
         self.registry = processRegistry if registry is None else registry
         kind = inner.split(":", 1)[0]
         if kind not in SUPPORTED_TYPES:
@@ -175,6 +163,36 @@ class GraceServerEndpoint:
             self._inner = serverFromString(_AdoptingReactor(reactor, self), inner)
         except Exception as e:
             raise ValueError(f"Invalid endpoint '{self.description}': {e}") from None
+
+    def _take(
+        self,
+        key: str,
+        family: int,
+        address: Any,
+        factory: Any,
+        backlog: int,
+        mode: int | None,
+    ) -> Any:
+        named = self.name is not None
+        if factory is None:
+            return holdSocket(self.registry, key, family, address, backlog, mode, named)
+        return adoptPort(
+            self._reactor, self.registry, key, family, address, factory, backlog, mode, named
+        )
+
+    def hold(self) -> HeldSocket:
+        """
+        Take this endpoint's socket, inherited or fresh, without accepting
+        on it: for a master that passes it to its workers.
+
+        @raise twisted.internet.error.CannotListenError: If it cannot be had.
+        """
+        failures: list[Any] = []
+        held: list[HeldSocket] = []
+        self._inner.listen(None).addCallbacks(held.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        return held[0]
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         """

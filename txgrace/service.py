@@ -22,6 +22,7 @@ from txgrace import sdnotify
 from txgrace.adopt import SocketRegistry, registry as processRegistry, stopListening
 from txgrace.drain import Drain, DrainResult, drainConnections
 from txgrace.pidfile import removePidFile, writePidFile
+from txgrace.signals import SignalHandlers
 from txgrace.restart import (
     Successor,
     WorkerControl,
@@ -158,7 +159,14 @@ class GraceService(MultiService):
         self._successor: Successor | None = None
         self._drain: Drain | None = None
         self._hammerAsked = False
-        self._stopAsked = False
+        self._signals = SignalHandlers(
+            reactor,
+            self._stopOnSignal,
+            self.hammer,
+            # Workers are restarted by their master.
+            None if self.worker else self._restartOnSignal,
+            self.restartSignals,
+        )
         self._pid = os.getpid()
         if installSignalHandlers:
             ignoreRestartSignals(self.restartSignals)
@@ -194,7 +202,7 @@ class GraceService(MultiService):
             )
             self._controlFD = None
         if self._installSignalHandlers:
-            self._installHandlers()
+            self._signals.install()
         holds = self._registry.readinessHolds()
         gatherResults(holds, consumeErrors=True).addCallbacks(
             self._becomeReady, self._notReady
@@ -239,30 +247,13 @@ class GraceService(MultiService):
 
     # Signals
 
-    def _installHandlers(self) -> None:
-        for stopSignal in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(stopSignal) != signal.SIG_IGN:
-                signal.signal(stopSignal, self._onStopSignal)
-        for restartSignal in self.restartSignals:
-            signal.signal(restartSignal, self._onRestartSignal)
-
-    def _onStopSignal(self, signum: int, frame: Any) -> None:
-        # Runs between bytecodes: hand the work to the reactor thread.  Only
-        # a signal received twice hammers: a process draining after a
+    def _stopOnSignal(self) -> None:
+        # Only a signal received twice hammers: a process draining after a
         # handover goes on draining when `systemctl stop` signals the whole
         # control group.
-        if self._stopAsked:
-            self._reactor.callFromThread(self.hammer)
-            return
-        self._stopAsked = True
         if self._state in ("handedOver", "stopping"):
-            self._reactor.callFromThread(
-                log.info, "Already draining; a second signal aborts what is left"
-            )
-        else:
-            self._reactor.callFromThread(self._stopAfterDelay)
-
-    def _stopAfterDelay(self) -> None:
+            log.info("Already draining; a second signal aborts what is left")
+            return
         if self.shutdownDelay > 0:
             log.info(
                 "Serving {delay}s more before draining (--shutdown-delay)",
@@ -271,22 +262,15 @@ class GraceService(MultiService):
         self._reactor.callLater(max(self.shutdownDelay, 0), self._reactor.stop)
 
     def _stopAsWorker(self, why: str) -> None:
-        if self._stopAsked or self._state in ("handedOver", "stopping"):
+        if self._signals.stopAsked or self._state in ("handedOver", "stopping"):
             return
         # Counts as the first stop signal: a SIGTERM now hammers.
-        self._stopAsked = True
+        self._signals.stopAsked = True
+        self._registry.handingOver = True  # The master owns the sockets.
         log.info("Stopping: {why}", why=why)
         self._reactor.stop()
 
-    def _onRestartSignal(self, signum: int, frame: Any) -> None:
-        if self.worker:
-            return  # Workers are restarted by their master.
-        self._reactor.callFromThread(self._restartOnSignal, signum)
-
-    def _restartOnSignal(self, signum: int) -> None:
-        log.info(
-            "Received {signal}: restarting", signal=signal.Signals(signum).name
-        )
+    def _restartOnSignal(self) -> None:
         self.restart().addErrback(lambda failure: None)
 
     # Restart
@@ -361,7 +345,8 @@ class GraceService(MultiService):
         if final:
             sdnotify.notify("STOPPING=1")
         ports = list(self._registry.ports.values())
-        if final:
+        if final or self.worker:
+            # A worker takes what is queued too: its master may be closing.
             for port in ports:
                 port.acceptBacklog()
         d = stopListening(ports)

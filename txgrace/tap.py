@@ -22,7 +22,11 @@ from twisted.python import usage
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from twisted.application.service import Service
+
+from txgrace.master import MasterService
 from txgrace.pidfile import checkPidFileLocation
+from txgrace.restart import WORKER_VARIABLE
 from txgrace.service import DEFAULT_RESTART_SIGNALS, GraceService
 
 
@@ -156,6 +160,20 @@ class Options(usage.Options):
             "this process goes on serving.",
         ],
         [
+            "workers",
+            "w",
+            None,
+            "Run a master that holds the sockets and keeps its pid, with this "
+            "many worker processes; SIGHUP then restarts them one at a time.",
+        ],
+        [
+            "shutdown-delay",
+            None,
+            "0",
+            "Seconds to go on serving after SIGTERM before draining, for load "
+            "balancers that stop routing only when they send SIGTERM (Kubernetes).",
+        ],
+        [
             "pidfile",
             None,
             None,
@@ -208,6 +226,18 @@ class Options(usage.Options):
         self["ready-timeout"] = _parseSeconds(
             "--ready-timeout", self["ready-timeout"], allowNegative=False
         )
+        self["shutdown-delay"] = _parseSeconds(
+            "--shutdown-delay", self["shutdown-delay"], allowNegative=False
+        )
+        if self["workers"] is not None:
+            try:
+                self["workers"] = int(self["workers"])
+                if self["workers"] < 1:
+                    raise ValueError()
+            except ValueError:
+                raise usage.UsageError(
+                    f"--workers {self['workers']!r}: must be a whole number of 1 or more"
+                ) from None
         if not self["restart-signals"]:
             self["restart-signals"] = list(DEFAULT_RESTART_SIGNALS)
         if self["pidfile"] is not None:
@@ -254,11 +284,38 @@ class _CommandLineService(GraceService):
         return GraceService.stopService(self).addBoth(exitStatus)
 
 
-def makeService(options: Options) -> GraceService:
+class _CommandLineMaster(MasterService):
     """
-    Build the service that C{twist txgrace} runs.
+    The master of C{twist txgrace --workers N}: an endpoint that cannot be
+    had ends the program with one line.
+    """
+
+    def startService(self) -> None:
+        try:
+            MasterService.startService(self)
+        except (CannotListenError, ValueError) as e:
+            raise SystemExit(f"twist txgrace: error: {e}") from None
+
+
+def makeService(options: Options) -> Service:
+    """
+    Build the service that C{twist txgrace} runs: a L{GraceService} serving
+    the application, or with C{--workers} a L{MasterService} (which never
+    imports it) whose workers do.
     """
     from twisted.internet import reactor
+
+    if options["workers"] is not None and os.environ.get(WORKER_VARIABLE) != "1":
+        return _CommandLineMaster(
+            options["endpoints"],
+            options["workers"],
+            hammerTimeout=options["hammer-timeout"],
+            readyTimeout=options["ready-timeout"],
+            pidFile=options["pidfile"],
+            restartSignals=options["restart-signals"],
+            shutdownDelay=options["shutdown-delay"],
+            reactor=reactor,
+        )
 
     try:
         factory = loadApp(options["app"])
@@ -269,6 +326,7 @@ def makeService(options: Options) -> GraceService:
         readyTimeout=options["ready-timeout"],
         pidFile=options["pidfile"],
         restartSignals=options["restart-signals"],
+        shutdownDelay=options["shutdown-delay"],
         reactor=reactor,
     )
     for description in options["endpoints"]:

@@ -145,16 +145,20 @@ class ServerProcess:
         return [formatEvent(event) for event in events] + lines
 
     def waitFor(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 30.0,
+        since: int = 0,
     ) -> dict[str, Any]:
         """
-        Wait for a log event that satisfies C{predicate}.
+        Wait for a log event that satisfies C{predicate}, among the events
+        from index C{since} on (see L{eventCount}).
 
         @raise AssertionError: If none comes within C{timeout} seconds.
         """
         deadline = time.monotonic() + timeout
         with self._condition:
-            seen = 0
+            seen = since
             while True:
                 for event in self.events[seen:]:
                     if predicate(event):
@@ -168,10 +172,17 @@ class ServerProcess:
                 self._condition.wait(min(remaining, 0.5))
         raise AssertionError(
             "no matching log event within %ss; output:\n%s"
-            % (timeout, "\n".join(self.messages()[-40:]))
+            % (
+                timeout,
+                "\n".join(
+                    m for m in self.messages() if not m.startswith('"')
+                )[-6000:],
+            )
         )
 
-    def waitForMessage(self, pattern: str, timeout: float = 30.0) -> dict[str, Any]:
+    def waitForMessage(
+        self, pattern: str, timeout: float = 30.0, since: int = 0
+    ) -> dict[str, Any]:
         """
         Wait for a log event whose text matches the regular expression
         C{pattern}.
@@ -179,7 +190,16 @@ class ServerProcess:
         from twisted.logger import formatEvent
 
         compiled = re.compile(pattern)
-        return self.waitFor(lambda e: bool(compiled.search(formatEvent(e))), timeout)
+        return self.waitFor(
+            lambda e: bool(compiled.search(formatEvent(e))), timeout, since
+        )
+
+    def eventCount(self) -> int:
+        """
+        How many log events have been read so far.
+        """
+        with self._condition:
+            return len(self.events)
 
     def serving(self) -> list[Serving]:
         """

@@ -91,6 +91,16 @@ class Spawn(Resource):
         ).stdout
 
 
+class Orphan(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        # Leaves a process whose parent exits at once: it is handed to pid 1,
+        # which must reap it when it exits.
+        subprocess.run(["/bin/sh", "-c", "sleep 0.3 & exit 0"], check=True)
+        return b"orphaned\n"
+
+
 class Root(Resource):
     def getChild(self, path, request):
         if path == b"":
@@ -105,4 +115,5 @@ root = Root()
 root.putChild(b"sleep", Sleep())
 root.putChild(b"forever", Forever())
 root.putChild(b"spawn", Spawn())
+root.putChild(b"orphan", Orphan())
 site = Site(root)

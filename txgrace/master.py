@@ -1,0 +1,375 @@
+# -*- test-case-name: txgrace.test.test_master -*-
+"""
+Master mode (C{twist txgrace --workers N}): a small process that holds the
+listening sockets, keeps its pid for its whole life, and runs N workers.
+
+A worker is a successor whose supervisor stays (see L{txgrace.restart}): it
+receives the sockets as fds 3..n and a control channel, reports C{READY},
+and drains on C{STOP} or when the master is gone.  The master never imports
+the application and never accepts a connection; the workers accept from the
+one shared socket, one connection per wakeup, so the kernel spreads the load.
+
+  - SIGHUP/SIGUSR2: a rolling restart, one slot at a time (start the new
+    worker, wait until it is ready, stop the old one).  A new worker that
+    fails aborts the roll; the old workers go on serving.
+  - A worker that exits on its own is started again, after a delay that
+    doubles while it keeps failing.
+  - SIGTERM/SIGINT: stop every worker (each drains); a second signal aborts.
+  - As pid 1 (in a container) it also reaps orphaned processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from txgrace import sdnotify
+from txgrace.adopt import HeldSocket, SocketRegistry, registry as processRegistry
+from txgrace.pidfile import removePidFile, writePidFile
+from txgrace.restart import Successor, SuccessorFailed, ignoreRestartSignals
+from txgrace.service import DEFAULT_RESTART_SIGNALS, RestartRefused
+from txgrace.signals import SignalHandlers
+
+log = Logger()
+
+FIRST_RESPAWN_DELAY = 0.5
+MAX_RESPAWN_DELAY = 30.0
+STABLE_SECONDS = 10.0
+"""
+A worker that served this long before it exited is restarted after
+L{FIRST_RESPAWN_DELAY} again, not after a longer delay.
+"""
+
+
+class _Slot:
+    """
+    One of the N places for a worker.
+
+    @ivar worker: The worker serving in it, or L{None}.
+    @ivar respawnDelay: The delay before the next respawn.
+    """
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.worker: Successor | None = None
+        self.readyAt = 0.0
+        self.respawnDelay = FIRST_RESPAWN_DELAY
+        self.respawnCall: Any = None
+
+
+class MasterService(Service):
+    """
+    Holds the sockets of C{endpoints} and runs C{workers} workers on them.
+
+    @ivar workerPids: The pids of the workers serving now, by slot.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        workers: int,
+        hammerTimeout: float = 60.0,
+        readyTimeout: float = 60.0,
+        pidFile: str | None = None,
+        restartSignals: Sequence[int] = DEFAULT_RESTART_SIGNALS,
+        shutdownDelay: float = 0.0,
+        reactor: Any = None,
+        registry: SocketRegistry | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self._reactor = reactor
+        self._registry = processRegistry if registry is None else registry
+        self._descriptions = list(endpoints)
+        self._slots = [_Slot(n) for n in range(1, workers + 1)]
+        self.hammerTimeout = hammerTimeout
+        self.readyTimeout = readyTimeout
+        self.pidFile = pidFile
+        self.shutdownDelay = shutdownDelay
+        self._command = command
+        self._sockets: list[HeldSocket] = []
+        self._draining: set[Successor] = set()
+        self._starting: set[Successor] = set()
+        self._state = "starting"
+        self._pid = os.getpid()
+        self._stopped: Deferred[None] | None = None
+        self._signals = SignalHandlers(
+            reactor, self._stopOnSignal, self.hammer, self._rollOnSignal, restartSignals
+        )
+        self._reaper: LoopingCall | None = None
+        ignoreRestartSignals(restartSignals)
+
+    @property
+    def workerPids(self) -> dict[int, int | None]:
+        return {
+            slot.number: slot.worker.pid if slot.worker else None for slot in self._slots
+        }
+
+    # Start
+
+    def startService(self) -> None:
+        """
+        Take every socket now (so that a bad endpoint fails the start), then
+        start the workers once the reactor runs.
+        """
+        Service.startService(self)
+        for description in self._descriptions:
+            endpoint = serverFromString(self._reactor, description)
+            self._sockets.append(endpoint.hold())
+        self._registry.closeUnclaimed()
+        self._reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        self._signals.install()
+        if os.getpid() == 1:
+            self._reaper = LoopingCall(reapOrphans)
+            self._reaper.clock = self._reactor
+            self._reaper.start(1.0, now=False)
+        starts = [self._fill(slot) for slot in self._slots]
+        DeferredList(starts).addCallback(lambda _: self._allReady())
+
+    def _allReady(self) -> None:
+        if self._state != "starting":
+            return
+        self._state = "serving"
+        log.info(
+            "Master pid {pid} serving {addresses} with {count} workers (pids {pids})",
+            pid=self._pid,
+            addresses=", ".join(s.describe() for s in self._sockets),
+            count=len(self._slots),
+            pids=", ".join(str(p) for p in self.workerPids.values()),
+        )
+        sdnotify.notify("READY=1", f"MAINPID={self._pid}")
+        if self.pidFile is not None:
+            try:
+                writePidFile(self.pidFile, self._pid)
+            except OSError as e:
+                log.error("Cannot write pidfile {path!r}: {error}", path=self.pidFile, error=e)
+
+    def _spawn(self) -> tuple[Successor, Deferred[int]]:
+        worker = Successor(
+            self._reactor, self._sockets, self.readyTimeout, self._command, worker=True
+        )
+        self._starting.add(worker)
+        started = worker.start()
+
+        def done(result: Any) -> Any:
+            self._starting.discard(worker)
+            return result
+
+        started.addBoth(done)
+        return worker, started
+
+    def _fill(self, slot: _Slot) -> Deferred[None]:
+        """
+        Start a worker in C{slot}; retry with backoff until one is ready.
+
+        @return: A Deferred that fires once a worker serves in C{slot}.
+        """
+        if self._state == "stopping":
+            return succeed(None)
+        worker, started = self._spawn()
+        filled: Deferred[None] = Deferred()
+
+        def ready(pid: int) -> None:
+            self._serveIn(slot, worker)
+            filled.callback(None)
+
+        def failed(reason: Any) -> None:
+            if self._state == "stopping":
+                filled.callback(None)
+                return
+            delay = self._nextDelay(slot)
+            log.error(
+                "Worker for slot {slot} failed: {why}; retrying in {delay}s",
+                slot=slot.number,
+                why=reason.getErrorMessage(),
+                delay=delay,
+            )
+            slot.respawnCall = self._reactor.callLater(
+                delay, lambda: self._fill(slot).chainDeferred(filled)
+            )
+
+        started.addCallbacks(ready, failed)
+        return filled
+
+    def _nextDelay(self, slot: _Slot) -> float:
+        delay = slot.respawnDelay
+        slot.respawnDelay = min(delay * 2, MAX_RESPAWN_DELAY)
+        return delay
+
+    def _serveIn(self, slot: _Slot, worker: Successor) -> None:
+        if slot.respawnCall is not None and slot.respawnCall.active():
+            slot.respawnCall.cancel()
+        old = slot.worker
+        if old is not None and old is not worker:
+            # A roll and a respawn can meet in one slot: one worker each.
+            self._draining.add(old)
+            old.stop()
+        slot.worker = worker
+        slot.readyAt = self._reactor.seconds()
+        worker.ended.addCallback(self._workerEnded, slot, worker)
+
+    def _workerEnded(self, status: str, slot: _Slot, worker: Successor) -> None:
+        self._draining.discard(worker)
+        if slot.worker is not worker:
+            log.info("Worker pid {pid} exited with {status}", pid=worker.pid, status=status)
+            return
+        slot.worker = None
+        if self._state == "stopping":
+            return
+        if self._reactor.seconds() - slot.readyAt >= STABLE_SECONDS:
+            slot.respawnDelay = FIRST_RESPAWN_DELAY
+        delay = self._nextDelay(slot)
+        log.error(
+            "Worker pid {pid} (slot {slot}) exited with {status}; starting "
+            "another in {delay}s",
+            pid=worker.pid,
+            slot=slot.number,
+            status=status,
+            delay=delay,
+        )
+        slot.respawnCall = self._reactor.callLater(delay, self._fill, slot)
+
+    # Rolling restart
+
+    def _rollOnSignal(self) -> None:
+        self.roll().addErrback(lambda failure: None)
+
+    def roll(self) -> Deferred[None]:
+        """
+        Replace every worker, one slot at a time.
+
+        @return: A Deferred that fires when the roll is done, or fails with
+            L{RestartRefused} or L{SuccessorFailed} (the old workers go on
+            serving).
+        """
+        if self._state != "serving":
+            why = {
+                "starting": "the workers are not all ready yet",
+                "rolling": "a rolling restart is in progress",
+                "stopping": "the master is stopping",
+            }[self._state]
+            log.warn("Restart refused: {why}", why=why)
+            return fail(RestartRefused(why))
+        self._state = "rolling"
+        sdnotify.notify(*sdnotify.reloading())
+        log.info("Rolling restart of {count} workers", count=len(self._slots))
+        return Deferred.fromCoroutine(self._roll())
+
+    async def _roll(self) -> None:
+        try:
+            for slot in self._slots:
+                worker, started = self._spawn()
+                await started
+                self._serveIn(slot, worker)
+                if self._state == "stopping":
+                    return
+        except SuccessorFailed as e:
+            log.error("Rolling restart aborted; the old workers go on serving: {why}", why=e)
+            raise
+        finally:
+            if self._state == "rolling":
+                self._state = "serving"
+            sdnotify.notify("READY=1")
+        log.info(
+            "Rolling restart done: workers {pids}",
+            pids=", ".join(str(p) for p in self.workerPids.values()),
+        )
+
+    # Stop
+
+    def _stopOnSignal(self) -> None:
+        if self.shutdownDelay > 0:
+            log.info(
+                "Serving {delay}s more before stopping (--shutdown-delay)",
+                delay=self.shutdownDelay,
+            )
+        self._reactor.callLater(max(self.shutdownDelay, 0), self._reactor.stop)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop every worker (each drains within its hammer deadline), then
+        close the sockets.  Workers still running after the hammer deadline
+        and a few seconds more are killed.
+        """
+        Service.stopService(self)
+        self._state = "stopping"
+        self._signals.stopAsked = True
+        sdnotify.notify("STOPPING=1")
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        for slot in self._slots:
+            if slot.respawnCall is not None and slot.respawnCall.active():
+                slot.respawnCall.cancel()
+        for worker in list(self._starting):
+            worker.kill("was killed: the master is stopping")
+        workers = [s.worker for s in self._slots if s.worker] + list(self._draining)
+        # Close the master's copies first: the last worker to stop listening
+        # closes each socket after taking what is queued on it.
+        for held in self._sockets:
+            held.close(final=False)
+        for worker in workers:
+            worker.stop()
+        waits = [w.ended for w in workers]
+        deadline = None
+        if self.hammerTimeout >= 0:
+            deadline = self._reactor.callLater(
+                self.hammerTimeout + 5, self._killAll, workers
+            )
+
+        def stopped(_: object) -> None:
+            if deadline is not None and deadline.active():
+                deadline.cancel()
+            for held in self._sockets:
+                held.close(final=True)
+            if self.pidFile is not None:
+                removePidFile(self.pidFile, self._pid)
+            log.info("Master pid {pid} stopped", pid=self._pid)
+
+        return DeferredList(waits).addCallback(stopped)
+
+    def hammer(self) -> None:
+        """
+        Have every worker abort its remaining connections now.
+        """
+        log.warn("Second stop signal: hammering every worker")
+        for worker in [s.worker for s in self._slots if s.worker] + list(self._draining):
+            worker.signal("TERM")
+
+    def _killAll(self, workers: list[Successor]) -> None:
+        for worker in workers:
+            log.error("Worker pid {pid} did not stop; killing it", pid=worker.pid)
+            worker.signal("KILL")
+
+
+def reapOrphans() -> None:
+    """
+    As pid 1, reap the zombies of processes that were orphaned and handed to
+    us, leaving Twisted's own children to Twisted.
+    """
+    from twisted.internet import process
+
+    ours = set(process.reapProcessHandlers)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ours:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == os.getpid():
+            try:
+                os.waitpid(int(name), os.WNOHANG)
+            except ChildProcessError:
+                pass

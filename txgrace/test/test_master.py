@@ -1,0 +1,270 @@
+"""
+Master mode (C{--workers N}) with real processes on loopback: rolling
+restarts under load, drills with failing workers, a killed master, and the
+master as pid 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from txgrace.test.test_process import APP, LOCAL, _Background
+from txgrace.test.test_restart import get
+from txgrace.testing import HTTPLoad, ServerProcess, isAlive, slowRequest, waitUntil
+
+
+def _servedBy(body: bytes) -> int:
+    return int(body.split(b"pid ")[1].split()[0])
+
+
+def _pids(event: dict[str, Any]) -> list[int]:
+    return [int(p) for p in event["pids"].split(", ")]
+
+
+class _MasterMixin:
+    def startMaster(
+        self: Any, *extra: str, workers: int = 2, env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> tuple[ServerProcess, int, list[int]]:
+        """
+        Start C{twist txgrace --workers N}; wait until every worker serves.
+
+        @return: The server, its port, and the workers' pids.
+        """
+        arguments = ["--workers", str(workers), "--endpoint", LOCAL, "--app", APP, *extra]
+        server = ServerProcess(arguments, env=env, command=command)
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage("Master pid .* serving", 60)
+        port = int(ready["addresses"].rsplit(":", 1)[1])
+        return server, port, _pids(ready)
+
+    def roll(self: Any, server: ServerProcess, pid: int | None = None) -> list[int]:
+        """
+        SIGHUP the master and wait for the roll to finish.
+
+        @return: The new workers' pids.
+        """
+        since = server.eventCount()
+        server.signal(signal.SIGHUP, pid)
+        event = server.waitFor(
+            lambda e: e.get("log_format", "").startswith("Rolling restart "), 60, since
+        )
+        while event["log_format"].startswith("Rolling restart of"):
+            since = server.events.index(event) + 1
+            event = server.waitFor(
+                lambda e: e.get("log_format", "").startswith("Rolling restart "),
+                60,
+                since,
+            )
+        self.assertTrue(event["log_format"].startswith("Rolling restart done"), event)
+        return _pids(event)
+
+
+class RollingRestartTests(_MasterMixin, TestCase):
+    """
+    SIGHUP to the master replaces every worker with no failed request.
+    """
+
+    def test_rollsUnderLoad(self) -> None:
+        """
+        20 rolls with two workers under continuous load (new-connection and
+        keep-alive clients): no request fails, the master's pid never
+        changes, every roll replaces every worker, and the master exits 0 on
+        SIGTERM.
+        """
+        server, port, workers = self.startMaster()
+        load = HTTPLoad("127.0.0.1", port, clients=8).start()
+        self.addCleanup(load.stop)
+        seen = set(workers)
+        for _ in range(20):
+            new = self.roll(server)
+            self.assertEqual(len(new), 2)
+            self.assertFalse(seen & set(new))
+            seen |= set(new)
+            self.assertTrue(isAlive(server.pid))
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertTrue(set(result.pids) <= seen)
+        self.assertFalse(server.pid in result.pids)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(60), 0)
+        self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in seen), 30))
+
+    def test_slowRequestAcrossRoll(self) -> None:
+        """
+        A slow request started before a roll completes from the old worker.
+        """
+        server, port, workers = self.startMaster()
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
+        server.waitForMessage("sleeping 2")
+        new = self.roll(server)
+        status, body = slow.join()
+        self.assertEqual(status, 200)
+        self.assertTrue(any(f"from pid {p}".encode() in body for p in workers))
+        self.assertIn(_servedBy(get(port)), new)
+
+
+class DrillTests(_MasterMixin, TestCase):
+    """
+    Workers that fail: N workers serve throughout, no request fails, and a
+    later SIGHUP works.
+    """
+
+    def drill(self, mode: str, expected: str, *extra: str) -> None:
+        fault = os.path.abspath(self.mktemp())
+        env = dict(os.environ, TXGRACE_TEST_FAULT=fault)
+        server, port, workers = self.startMaster(*extra, env=env)
+        load = HTTPLoad("127.0.0.1", port, clients=4).start()
+        self.addCleanup(load.stop)
+        with open(fault, "w") as f:
+            f.write(mode)
+        server.signal(signal.SIGHUP)
+        server.waitForMessage(expected, 60)
+        self.assertTrue(all(isAlive(p) for p in workers))
+        os.unlink(fault)
+        new = self.roll(server)
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertTrue(set(workers) <= set(result.pids))
+        self.assertIn(_servedBy(get(port)), new)
+
+    def test_workerCrashesAtStart(self) -> None:
+        """
+        A new worker that crashes at start aborts the roll.
+        """
+        self.drill(
+            "crash",
+            r"Rolling restart aborted; the old workers go on serving: worker pid "
+            r"\d+ exited with status 1 before it was ready",
+        )
+
+    def test_workerHangs(self) -> None:
+        """
+        A new worker that is not ready in time is killed and aborts the roll.
+        """
+        self.drill(
+            "hang",
+            r"Rolling restart aborted; .*was not ready within 5s and was killed",
+            "--ready-timeout",
+            "5",
+        )
+
+    def test_workerCrashesAfterReady(self) -> None:
+        """
+        A worker killed while serving is started again, and the requests go
+        to the other worker meanwhile.
+        """
+        server, port, workers = self.startMaster()
+        load = HTTPLoad("127.0.0.1", port, clients=4).start()
+        self.addCleanup(load.stop)
+        os.kill(workers[0], signal.SIGKILL)
+        server.waitForMessage(
+            rf"Worker pid {workers[0]} \(slot 1\) exited with signal 9; starting another"
+        )
+        started = server.waitForMessage(r"Started worker pid", 30)
+        waitUntil(lambda: len([m for m in server.messages() if "Started worker" in m]) >= 3, 30)
+        time.sleep(1)
+        load.stop()
+        # Connections the killed worker held are its own; none failed elsewhere.
+        new = self.roll(server)
+        self.assertEqual(len(new), 2)
+        self.assertTrue(started)
+
+    def test_hupDuringRoll(self) -> None:
+        """
+        A SIGHUP during a roll is refused with a log line; the roll completes.
+        """
+        server, port, workers = self.startMaster()
+        server.signal(signal.SIGHUP)
+        server.waitForMessage("Rolling restart of 2 workers")
+        server.signal(signal.SIGHUP)
+        server.waitForMessage("Restart refused: a rolling restart is in progress")
+        server.waitForMessage("Rolling restart done", 60)
+
+
+class MasterLifeTests(_MasterMixin, TestCase):
+    """
+    The master's own end.
+    """
+
+    def test_masterKilled(self) -> None:
+        """
+        C{kill -9} of the master: every worker sees its control channel close,
+        drains, and exits; none is left behind.
+        """
+        server, port, workers = self.startMaster("--hammer-timeout", "5")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in workers), 15))
+        server.waitForMessage("Stopping: the master is gone")
+
+    def test_shutdownDelay(self) -> None:
+        """
+        With C{--shutdown-delay}, the server goes on serving for that long
+        after SIGTERM, then stops with status 0.
+        """
+        server, port, workers = self.startMaster("--shutdown-delay", "1.5")
+        server.signal(signal.SIGTERM)
+        server.waitForMessage("Serving 1.5s more before stopping")
+        self.assertIn(_servedBy(get(port)), workers)
+        self.assertEqual(server.wait(30), 0)
+
+    def test_asPidOne(self) -> None:
+        """
+        As pid 1 of a new pid namespace, the master reaps orphaned processes
+        and exits 0 on SIGTERM.
+        """
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise SkipTest("unshare is not installed")
+        probe = subprocess.run(
+            [unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True
+        )
+        if probe.returncode != 0:
+            raise SkipTest("cannot make a pid namespace here: %r" % probe.stderr)
+        command = [
+            unshare, "--pid", "--fork", "--mount-proc", "--kill-child",
+            sys.executable, "-m", "twisted", "--log-format", "json", "txgrace",
+            "--workers", "2", "--endpoint", LOCAL, "--app", APP,
+        ]
+        server = ServerProcess([], command=command)
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage("Master pid .* serving", 60)
+        self.assertEqual(ready["pid"], 1)
+        port = int(ready["addresses"].rsplit(":", 1)[1])
+        master = _childOf(server.pid)
+        for _ in range(5):
+            self.assertEqual(get(port, "/orphan"), b"orphaned\n")
+        self.assertTrue(
+            waitUntil(lambda: not _zombieChildren(master), 10), _zombieChildren(master)
+        )
+        os.kill(master, signal.SIGTERM)
+        self.assertEqual(server.wait(60), 0)
+
+
+def _childOf(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def _zombieChildren(parent: int) -> list[int]:
+    zombies = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == parent:
+            zombies.append(int(name))
+    return zombies
