@@ -142,6 +142,8 @@ class Successor:
         environment[CONTROL_FD_VARIABLE] = str(self.controlFD)
         if self._worker:
             environment[WORKER_VARIABLE] = "1"
+            # The master speaks to systemd for its workers.
+            environment.pop("NOTIFY_SOCKET", None)
         else:
             environment.pop(WORKER_VARIABLE, None)
             environment[GENERATION_VARIABLE] = str(generation() + 1)

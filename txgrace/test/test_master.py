@@ -206,6 +206,36 @@ class MasterLifeTests(_MasterMixin, TestCase):
         self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in workers), 15))
         server.waitForMessage("Stopping: the master is gone")
 
+    def test_systemdNotifications(self) -> None:
+        """
+        The master is the main pid throughout: C{READY=1} once every worker
+        is ready, C{RELOADING=1} at the start of a roll and C{READY=1} at its
+        end, C{STOPPING=1} on stop.  Workers send nothing.
+        """
+        import socket as socketModule
+
+        from txgrace.test.test_process import shortTemporaryDirectory
+
+        path = os.path.join(shortTemporaryDirectory(self), "notify")
+        notifications = socketModule.socket(socketModule.AF_UNIX, socketModule.SOCK_DGRAM)
+        self.addCleanup(notifications.close)
+        notifications.bind(path)
+        notifications.settimeout(60)
+        server, port, workers = self.startMaster(env=dict(os.environ, NOTIFY_SOCKET=path))
+
+        def receive() -> list[str]:
+            return notifications.recv(4096).decode().split("\n")
+
+        self.assertEqual(receive(), ["READY=1", f"MAINPID={server.pid}"])
+        self.roll(server)
+        self.assertEqual(receive()[0], "RELOADING=1")
+        self.assertEqual(receive(), ["READY=1"])
+        server.signal(signal.SIGTERM)
+        self.assertEqual(receive(), ["STOPPING=1"])
+        self.assertEqual(server.wait(60), 0)
+        notifications.settimeout(0.5)
+        self.assertRaises(OSError, notifications.recv, 4096)
+
     def test_shutdownDelay(self) -> None:
         """
         With C{--shutdown-delay}, the server goes on serving for that long
