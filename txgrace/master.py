@@ -352,6 +352,24 @@ class MasterService(Service):
             worker.signal("KILL")
 
 
+def zombieChildren(parent: int) -> list[int]:
+    """
+    The children of C{parent} that have exited and are waiting to be reaped.
+    """
+    zombies = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[1]) == parent:
+            zombies.append(int(name))
+    return zombies
+
+
 def reapOrphans() -> None:
     """
     As pid 1, reap the zombies of processes that were orphaned and handed to
@@ -360,16 +378,9 @@ def reapOrphans() -> None:
     from twisted.internet import process
 
     ours = set(process.reapProcessHandlers)
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in ours:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == os.getpid():
+    for pid in zombieChildren(os.getpid()):
+        if pid not in ours:
             try:
-                os.waitpid(int(name), os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass

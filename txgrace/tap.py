@@ -14,7 +14,7 @@ import importlib
 import signal
 import sys
 import os
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
@@ -247,6 +247,17 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--pidfile: {e}") from None
 
 
+def _startOrExit(start: Callable[[], None]) -> None:
+    """
+    Start a service; an endpoint that cannot be had ends the program with
+    one line.
+    """
+    try:
+        start()
+    except (CannotListenError, ValueError) as e:
+        raise SystemExit(f"twist txgrace: error: {e}") from None
+
+
 HAMMERED_EXIT_STATUS = 1
 """
 The exit status of C{twist txgrace} after a drain that had to abort
@@ -270,10 +281,7 @@ class _CommandLineService(GraceService):
     """
 
     def startService(self) -> None:
-        try:
-            GraceService.startService(self)
-        except (CannotListenError, ValueError) as e:
-            raise SystemExit(f"twist txgrace: error: {e}") from None
+        _startOrExit(lambda: GraceService.startService(self))
 
     def stopService(self) -> Any:
         def exitStatus(result: object) -> object:
@@ -291,10 +299,7 @@ class _CommandLineMaster(MasterService):
     """
 
     def startService(self) -> None:
-        try:
-            MasterService.startService(self)
-        except (CannotListenError, ValueError) as e:
-            raise SystemExit(f"twist txgrace: error: {e}") from None
+        _startOrExit(lambda: MasterService.startService(self))
 
 
 def makeService(options: Options) -> Service:
@@ -305,23 +310,7 @@ def makeService(options: Options) -> Service:
     """
     from twisted.internet import reactor
 
-    if options["workers"] is not None and os.environ.get(WORKER_VARIABLE) != "1":
-        return _CommandLineMaster(
-            options["endpoints"],
-            options["workers"],
-            hammerTimeout=options["hammer-timeout"],
-            readyTimeout=options["ready-timeout"],
-            pidFile=options["pidfile"],
-            restartSignals=options["restart-signals"],
-            shutdownDelay=options["shutdown-delay"],
-            reactor=reactor,
-        )
-
-    try:
-        factory = loadApp(options["app"])
-    except AppError as e:
-        raise SystemExit(f"twist txgrace: error: {e}") from None
-    service = _CommandLineService(
+    common = dict(
         hammerTimeout=options["hammer-timeout"],
         readyTimeout=options["ready-timeout"],
         pidFile=options["pidfile"],
@@ -329,6 +318,14 @@ def makeService(options: Options) -> Service:
         shutdownDelay=options["shutdown-delay"],
         reactor=reactor,
     )
+    if options["workers"] is not None and os.environ.get(WORKER_VARIABLE) != "1":
+        return _CommandLineMaster(options["endpoints"], options["workers"], **common)
+
+    try:
+        factory = loadApp(options["app"])
+    except AppError as e:
+        raise SystemExit(f"twist txgrace: error: {e}") from None
+    service = _CommandLineService(**common)
     for description in options["endpoints"]:
         service.listen(description, factory)
     return service

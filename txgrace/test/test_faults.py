@@ -25,6 +25,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from txgrace.test.test_process import (
     APP,
     LOCAL,
+    OneLineErrorMixin,
     _Background,
     runTwist,
     shortTemporaryDirectory,
@@ -312,20 +313,11 @@ def _answers(port: int, pid: int) -> bool:
         return False
 
 
-class BadInputTests(TestCase):
+class BadInputTests(OneLineErrorMixin, TestCase):
     """
     Bad input: one clear line naming the input, a non-zero exit, no
     traceback.
     """
-
-    def assertOneLineError(
-        self, result: subprocess.CompletedProcess[str], *words: str
-    ) -> None:
-        output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0, output)
-        self.assertNotIn("Traceback", output)
-        for word in words:
-            self.assertIn(word, output)
 
     def test_appRaisesOnImport(self) -> None:
         """

@@ -26,6 +26,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from txgrace.test.test_endpoints import _ipv6Loopback
+
 from txgrace.inherit import (
     InheritedSocket,
     _check,
@@ -37,15 +39,6 @@ from txgrace.inherit import (
 
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_inheritchild.py")
 VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-
-
-def _ipv6Loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class DeclaredDescriptorsTests(TestCase):

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from txgrace.master import zombieChildren
 from txgrace.test.test_process import APP, LOCAL, _Background
 from txgrace.test.test_restart import get
 from txgrace.testing import HTTPLoad, ServerProcess, isAlive, slowRequest, waitUntil
@@ -274,7 +275,7 @@ class MasterLifeTests(_MasterMixin, TestCase):
         for _ in range(5):
             self.assertEqual(get(port, "/orphan"), b"orphaned\n")
         self.assertTrue(
-            waitUntil(lambda: not _zombieChildren(master), 10), _zombieChildren(master)
+            waitUntil(lambda: not zombieChildren(master), 10), zombieChildren(master)
         )
         os.kill(master, signal.SIGTERM)
         self.assertEqual(server.wait(60), 0)
@@ -283,18 +284,3 @@ class MasterLifeTests(_MasterMixin, TestCase):
 def _childOf(pid: int) -> int:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return int(f.read().split()[0])
-
-
-def _zombieChildren(parent: int) -> list[int]:
-    zombies = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == b"Z" and int(fields[1]) == parent:
-            zombies.append(int(name))
-    return zombies

@@ -187,19 +187,29 @@ def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProces
     )
 
 
-class CommandLineTests(TestCase):
+class OneLineErrorMixin:
     """
-    C{twist txgrace}'s options and its one-line errors.
+    For tests of programs that must fail with one clear line.
     """
 
     def assertOneLineError(
-        self, result: subprocess.CompletedProcess[str], *words: str
+        self: Any, result: subprocess.CompletedProcess[str], *words: str
     ) -> None:
+        """
+        C{result} failed, printed no traceback, and named every one of
+        C{words}.
+        """
         output = result.stdout + result.stderr
         self.assertNotEqual(result.returncode, 0, output)
         self.assertNotIn("Traceback", output)
         for word in words:
             self.assertIn(word, output)
+
+
+class CommandLineTests(OneLineErrorMixin, TestCase):
+    """
+    C{twist txgrace}'s options and its one-line errors.
+    """
 
     def test_help(self) -> None:
         """
