@@ -10,6 +10,7 @@ and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import signal
 import sys
@@ -265,12 +266,24 @@ connections, so that a supervisor can tell it from a clean stop (status 0).
 """
 
 
-def _exitHammered() -> None:
-    # twist has no way to set its exit status; this runs last, once
-    # everything else has shut down and every log line has been written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(HAMMERED_EXIT_STATUS)
+class _ExitStatus:
+    """
+    twist has no way to set its exit status: this exit handler, registered
+    before the application is imported so that it runs after every handler
+    the application registers, ends the process with
+    L{HAMMERED_EXIT_STATUS} after a hammer.
+    """
+
+    hammered = False
+
+    def __call__(self) -> None:
+        if self.hammered:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(HAMMERED_EXIT_STATUS)
+
+
+_exitStatus = _ExitStatus()
 
 
 class _CommandLineService(GraceService):
@@ -284,12 +297,15 @@ class _CommandLineService(GraceService):
         _startOrExit(lambda: GraceService.startService(self))
 
     def stopService(self) -> Any:
-        def exitStatus(result: object) -> object:
+        def drained(result: object) -> object:
             if self.lastDrain is not None and self.lastDrain.aborted:
-                atexit.register(_exitHammered)
+                _exitStatus.hammered = True
+            # The process is about to exit: spare the interpreter's final
+            # collection of every object (100-800 ms measured after a drain).
+            gc.freeze()
             return result
 
-        return GraceService.stopService(self).addBoth(exitStatus)
+        return GraceService.stopService(self).addBoth(drained)
 
 
 class _CommandLineMaster(MasterService):
@@ -310,6 +326,7 @@ def makeService(options: Options) -> Service:
     """
     from twisted.internet import reactor
 
+    atexit.register(_exitStatus)
     common = dict(
         hammerTimeout=options["hammer-timeout"],
         readyTimeout=options["ready-timeout"],
