@@ -227,6 +227,10 @@ def benchIdle(count: int, quiet: float, window: int) -> dict[str, Any]:
         for skt in connections:
             selector.register(skt, selectors.EVENT_READ)
         watch = ExitWatch(server.process)
+        exitFD = watch.fileno()
+        if exitFD is not None:
+            # The exit is noted as soon as it happens, even mid-EOFs.
+            selector.register(exitFD, selectors.EVENT_READ, "exit")
         outcome = {"eof": 0, "reset": 0, "unexpected_data": 0, "still_open": 0}
         lastClose = None
         cpuBefore = cpuSeconds(pid)
@@ -243,6 +247,10 @@ def benchIdle(count: int, quiet: float, window: int) -> dict[str, Any]:
                 exitedAt = watch.wait(max(0.0, deadline - time.monotonic()))
                 break
             for key, _ in selector.select(timeout=0.05):
+                if key.data == "exit":
+                    selector.unregister(key.fileobj)
+                    exitedAt = watch.wait(0)
+                    continue
                 skt = key.fileobj
                 try:
                     chunk = skt.recv(65536)  # type: ignore[union-attr]
@@ -257,7 +265,10 @@ def benchIdle(count: int, quiet: float, window: int) -> dict[str, Any]:
                 lastClose = time.monotonic()
         outcome["still_open"] = remaining
         for key in list(selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
+            if key.data == "exit":
+                selector.unregister(key.fileobj)
+            else:
+                key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
         if exitedAt is None:
             exitedAt = watch.wait(1)
@@ -307,8 +318,13 @@ def benchIdle(count: int, quiet: float, window: int) -> dict[str, Any]:
                 f"    server: Drained {drained[-1]['opened']} connections in "
                 f"{drained[-1]['seconds']}s, aborted {drained[-1]['aborted']}"
             )
-        for name, value in breakdown.items():
-            print(f"    {name}: {value:.1f}")
+        if breakdown:
+            print(
+                "    from the server's log timestamps: SIGTERM -> 'Draining' "
+                f"{breakdown.get('sigterm_to_drain_start_ms', float('nan')):.0f} ms, "
+                f"SIGTERM -> 'Drained' {breakdown.get('sigterm_to_drained_ms', float('nan')):.0f} ms, "
+                f"'Drained' -> process exit {breakdown.get('drained_to_exit_ms', float('nan')):.0f} ms"
+            )
         print(
             f"    client outcomes: {outcome['eof']} clean EOF, {outcome['reset']} "
             f"reset, {outcome['unexpected_data']} unexpected data, "
@@ -420,7 +436,7 @@ def main() -> None:
             runs.append(run)
             extra = ""
             if "drained_logged_after_T_ms" in run:
-                extra = f", 'Drained' logged at T+{run['drained_logged_after_T_ms']:.1f} ms"
+                extra = f", 'Drained' logged at T{run['drained_logged_after_T_ms']:+.1f} ms"
             print(
                 f"    run {i + 1}: status {run['status']}"
                 f"{' (Connection: close)' if run['connection_close'] else ''}, "

@@ -10,22 +10,32 @@ virtualenv's python:
 What it does, in one run:
 
   1. Starts C{twist --log-format json txgrace --endpoint
-     grace:tcp:0:interface=127.0.0.1 --app demo.gracedemo.site}.
-  2. Measures the cold start of the same command (fresh processes on their
-     own port, no load): spawn -> first successful response.
-  3. Loads the server with closed-loop asyncio clients (half keep-alive, half
-     a new connection per request, no retries, every socket operation
-     bounded by a timeout), and restarts it with SIGHUP C{--restarts} times:
-     each time it waits for the successor's C{Serving} event and for the old
-     pid to exit (pidfd), then pauses.  Every C{--slow-every}th restart a
-     C{/sleep/} request is started on the old pid just before the signal; it
-     must complete with status 200.
-  4. Measures the cold start again, while the load runs against the server.
-  5. Prints failures by kind, the pids that served, per-restart timings and a
-     summary; C{--json FILE} writes everything.
+     grace:tcp:0:interface=127.0.0.1 --app demo.gracedemo.site}, logging to
+     a file that a thread tails (so a server never blocks on its log).
+  2. Without load, alternately: C{--cold-starts} cold starts of the same
+     command (fresh, on a port of its own: spawn -> first successful
+     response) and C{--quiet-restarts} restarts seen by a light probe.
+  3. Loads the server with closed-loop asyncio clients in this process (half
+     keep-alive, half a new connection per request; no retries; every socket
+     operation bounded by a timeout; C{Connection: close} honoured) and
+     restarts it with SIGHUP C{--restarts} times: each time it waits for the
+     successor's C{Serving} event and for the old pid to exit (pidfd), then
+     pauses.  Every C{--slow-every}th restart a C{/sleep/} request is started
+     on the old pid just before the signal; it must complete with status
+     200.  After every C{--loaded-cold-every}th restart, a cold start under
+     the same load.
+  4. Prints failed requests by kind, the pids that served, per-restart
+     timings (from the old process's log, the successor's log, the clients
+     and pidfd) and a summary; C{--json FILE} writes everything.
 
-handover overhead = median(signal -> first response by the new pid)
+handover overhead = median(SIGHUP -> first response by the new pid)
                     - median(cold start, idle)
+
+On a small machine the load competes with the successor's start-up for the
+CPUs, and other processes add noise that drifts: the summary also gives the
+cold start under the same load, restart-minus-cold-start pairs taken back to
+back, and "txgrace's part" (everything but the successor's Python start-up
+and imports), with the CPU share of other processes during the run.
 
 It prints figures; it is not a test.  Only 127.0.0.1 is used, and only the
 processes this benchmark started are signalled, by pid.
@@ -566,6 +576,18 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
+def cpuMs(pid: int) -> float | None:
+    """
+    CPU time (user + system) that C{pid} has used so far, in ms.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -640,6 +662,7 @@ def coldStart(launcher: str, logDir: str, label: str, timeout: float) -> dict[st
         # backlog until the process serves.
         status, body = blockingGet(port, timeout)
         answered = time.monotonic()
+        result["cpuMs"] = cpuMs(server.pid)
         serving = server.waitServing(1, timeout)
         with server._condition:
             firstLog = min(e["log_time"] for e in server.events)
@@ -757,6 +780,7 @@ def machineInfo() -> dict[str, Any]:
         from txgrace._version import __version__ as txgraceVersion
     except ImportError:
         txgraceVersion = "?"
+    affinity: int | None
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -808,6 +832,7 @@ def restartOnce(
     signalMono = time.monotonic()
     os.kill(old.pid, signal.SIGHUP)
     new = server.waitServing(old.generation + 1, timeout=60)
+    record["successorCpuMs"] = cpuMs(new.pid)
     exited = waitExit(old.pid, fd, 60)
     if fd is not None:
         os.close(fd)
@@ -862,6 +887,24 @@ def firstResponses(records: list[dict[str, Any]], stats: LoadStats) -> None:
         )
 
 
+def libraryFingerprint() -> str:
+    """
+    A hash of the txgrace modules the servers will import: the successors
+    import them afresh, so a reinstall during the run changes what runs.
+    """
+    import hashlib
+
+    import txgrace
+
+    digest = hashlib.sha256()
+    directory = os.path.dirname(txgrace.__file__)
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".py"):
+            with open(os.path.join(directory, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:12]
+
+
 def gitState() -> str:
     try:
         head = subprocess.run(
@@ -875,7 +918,25 @@ def gitState() -> str:
         changed = [line[3:] for line in dirty if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return "?"
-    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+    state = head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+    try:
+        import txgrace
+
+        installed = os.path.dirname(txgrace.__file__)
+        differ = []
+        for name in sorted(os.listdir(os.path.join(REPO, "txgrace"))):
+            if name.endswith(".py"):
+                mine = os.path.join(REPO, "txgrace", name)
+                theirs = os.path.join(installed, name)
+                if not os.path.exists(theirs) or open(mine, "rb").read() != open(theirs, "rb").read():
+                    differ.append(name)
+        state += (
+            "; installed copy = working tree" if not differ
+            else f"; installed copy differs from the working tree in {', '.join(differ)}"
+        )
+    except OSError:
+        pass
+    return state
 
 
 def main() -> int:
@@ -895,8 +956,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="load before restart 1")
     parser.add_argument(
         "--cold-starts", type=int, default=5,
-        help="cold starts of each kind: idle (half before the load, half after) "
-        "and under load (spread over the restarts)",
+        help="idle cold starts, alternating with the restarts without load (default 5)",
+    )
+    parser.add_argument(
+        "--loaded-cold-every", type=int, default=5,
+        help="a cold start under load after every Nth restart (default 5; 0: none)",
     )
     parser.add_argument(
         "--quiet-restarts", type=int, default=5,
@@ -921,6 +985,7 @@ def main() -> int:
     info = machineInfo()
     info["txgracePath"] = os.path.dirname(txgrace.__file__)
     info["git"] = gitState()
+    info["libraryFingerprint"] = libraryFingerprint()
     command = serverCommand(args.launcher, f"grace:tcp:0:interface={HOST}")
     keepAlive = round(args.connections * args.keepalive_fraction)
     slowText = (
@@ -936,7 +1001,8 @@ def main() -> int:
     )
     print(
         f"versions  : Python {info['python']}, Twisted {info['twisted']}, "
-        f"txgrace {info['txgrace']} from {info['txgracePath']}; repo {info['git']}"
+        f"txgrace {info['txgrace']} from {info['txgracePath']} "
+        f"(fingerprint {info['libraryFingerprint']}); repo {info['git']}"
     )
     print(
         f"load      : {args.connections} closed-loop asyncio clients in this process "
@@ -971,37 +1037,46 @@ def main() -> int:
         return result
 
     # Under-load cold starts go in the pauses after these restarts.
-    coldAfter = {
-        round((i + 1) * args.restarts / (args.cold_starts + 1))
-        for i in range(args.cold_starts)
-    } if args.restarts else set()
+    coldAfter = (
+        set(range(args.loaded_cold_every, args.restarts + 1, args.loaded_cold_every))
+        if args.loaded_cold_every > 0 else set()
+    )
     try:
         first = server.waitServing(1, timeout=60)
         port = first.port
         sampler.start()
         print(f"server pid {first.pid} serving on {HOST}:{port}")
-        idleBefore = (args.cold_starts + 1) // 2
-        print(f"cold start x{idleBefore} (idle) ...", flush=True)
-        coldIdle += [cold("idle") for _ in range(idleBefore)]
-
+        # Without load, alternately: an idle cold start, then a restart with
+        # only a probe (one new-connection request every --probe-interval,
+        # running only during the restart) to see the new pid's first
+        # response.  Alternating pairs them in time: this machine's noise
+        # drifts.
+        print(
+            f"without load: {args.cold_starts} cold starts (idle) alternating with "
+            f"{args.quiet_restarts} restarts (probe: one request per "
+            f"{args.probe_interval * 1000:g} ms on a new connection) ...",
+            flush=True,
+        )
         current = first
-        if args.quiet_restarts:
-            # No load: one new-connection client every --probe-interval, to see
-            # the new pid's first response.  Comparable with the idle cold start.
-            print(
-                f"{args.quiet_restarts} restarts without load (probe: one request "
-                f"per {args.probe_interval * 1000:g} ms on a new connection) ...",
-                flush=True,
-            )
-            probe = AsyncLoad(port, 1, 0.0, args.timeout, think=args.probe_interval)
-            probe.start()
-            time.sleep(0.2)
-            for index in range(1, args.quiet_restarts + 1):
+        probeStats = LoadStats()
+        for index in range(1, max(args.cold_starts, args.quiet_restarts) + 1):
+            if index <= args.cold_starts:
+                coldIdle.append(cold("idle"))
+                coldIdle[-1]["beforeQuietRestart"] = index
+                time.sleep(args.pause)
+            if index <= args.quiet_restarts:
+                probe = AsyncLoad(port, 1, 0.0, args.timeout, think=args.probe_interval)
+                probe.start()
+                time.sleep(0.1)
                 record, current = restartOnce(server, current, probe, index, None, args.timeout)
+                time.sleep(0.05)
+                one = probe.stop()
+                firstResponses([record], one)
+                probeStats.ok += one.ok
+                probeStats.failures.update(one.failures)
+                probeStats.failureEvents += one.failureEvents
                 quiet.append(record)
                 time.sleep(args.pause)
-            probeStats = probe.stop()
-            firstResponses(quiet, probeStats)
 
         load = AsyncLoad(
             port, args.connections, args.keepalive_fraction, args.timeout, think=args.think
@@ -1009,8 +1084,8 @@ def main() -> int:
         load.start()
         time.sleep(args.warmup)
         print(
-            f"load started; {args.restarts} restarts, with {len(coldAfter)} cold "
-            "starts under load between them ...",
+            f"load started; {args.restarts} restarts, with a cold start under load "
+            f"after every {args.loaded_cold_every}th ...",
             flush=True,
         )
         for index in range(1, args.restarts + 1):
@@ -1023,6 +1098,7 @@ def main() -> int:
             time.sleep(args.pause)
             if index in coldAfter:
                 coldLoaded.append(cold("loaded"))
+                coldLoaded[-1]["afterRestart"] = index
 
         # The last successor's first response.
         deadline = time.monotonic() + 5
@@ -1030,8 +1106,6 @@ def main() -> int:
             time.sleep(0.01)
         stats = load.stop()
         load = None
-        print(f"cold start x{args.cold_starts - idleBefore} (idle) ...", flush=True)
-        coldIdle += [cold("idle") for _ in range(args.cold_starts - idleBefore)]
     finally:
         if load is not None:
             load.stop()
@@ -1039,6 +1113,8 @@ def main() -> int:
         server.stop()
     elapsed = time.monotonic() - started
     info["loadavgEnd"] = os.getloadavg()
+    info["libraryFingerprintEnd"] = libraryFingerprint()
+    libraryChanged = info["libraryFingerprintEnd"] != info["libraryFingerprint"]
     report["cpu"] = cpu
 
     # -----------------------------------------------------------------------
@@ -1159,6 +1235,19 @@ def main() -> int:
             return None
         return median(first) - median(cold)  # type: ignore[operator]
 
+    byIndex = {r["index"]: r for r in restarts}
+    paired = [
+        byIndex[c["afterRestart"]]["newFirstResponseMs"] - c["firstResponseMs"]
+        for c in coldLoaded
+        if byIndex.get(c["afterRestart"], {}).get("newFirstResponseMs") is not None
+    ]
+    quietByIndex = {r["index"]: r for r in quiet}
+    pairedQuiet = [
+        quietByIndex[c["beforeQuietRestart"]]["newFirstResponseMs"] - c["firstResponseMs"]
+        for c in coldIdle
+        if quietByIndex.get(c.get("beforeQuietRestart"), {}).get("newFirstResponseMs")
+        is not None
+    ]
     overheadIdle = overhead(newFirst, coldIdleMs)
     overheadLoaded = overhead(newFirst, coldLoadedMs)
     overheadQuiet = overhead(quietFirst, coldIdleMs)
@@ -1172,6 +1261,15 @@ def main() -> int:
             f"min {min(values):7.1f}  max {max(values):7.1f}"
         )
 
+    def ownPart(records: list[dict[str, Any]]) -> list[float]:
+        return [
+            r["spawnedMs"] + r["newFirstResponseMs"] - r["successorLogMs"]
+            for r in records
+            if None not in (
+                r.get("spawnedMs"), r.get("successorLogMs"), r.get("newFirstResponseMs")
+            )
+        ]
+
     def timings(records: list[dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
         return [
             (f"{prefix}SIGHUP->successor spawned ms", dist(column(records, "spawnedMs"))),
@@ -1181,6 +1279,12 @@ def main() -> int:
              dist(between(records, "successorLogMs", "readyMs"))),
             (f"{prefix}SIGHUP->successor ready ms", dist(column(records, "readyMs"))),
             (f"{prefix}SIGHUP->new pid 1st resp ms", dist(column(records, "newFirstResponseMs"))),
+            (f"{prefix}  ready->new pid 1st resp ms",
+             dist(between(records, "readyMs", "newFirstResponseMs"))),
+            (f"{prefix}  successor CPU at ready ms", dist(column(records, "successorCpuMs"))),
+            (f"{prefix}  txgrace's part ms", dist(ownPart(records))
+             + "   (SIGHUP->spawned + 1st log->ready + ready->1st resp: all but"
+             " the successor's Python start and imports)"),
             (f"{prefix}  ready->old hands over ms", dist(between(records, "readyMs", "handOverMs"))),
             (f"{prefix}  old drain ms", dist(between(records, "handOverMs", "drainedMs"))),
             (f"{prefix}  old loop end->exit ms", dist(column(records, "exitAfterMainLoopMs"))),
@@ -1212,14 +1316,19 @@ def main() -> int:
         ("  spawn->1st log", dist([c["firstLogMs"] for c in coldIdle])),
         ("  1st log->Serving log", dist([c["servingMs"] - c["firstLogMs"] for c in coldIdle])),
         ("  spawn->Serving log", dist([c["servingMs"] for c in coldIdle])),
+        ("  server CPU at 1st resp ms", dist([c["cpuMs"] for c in coldIdle if c.get("cpuMs")])),
         ("cold start ms (under load)", f"{dist(coldLoadedMs)}   "
          f"[{', '.join(f'{v:.0f}' for v in coldLoadedMs)}]"),
         ("handover overhead ms",
          f"{ms(overheadIdle, 0)} = median(SIGHUP->new pid 1st resp) {ms(median(newFirst), 0)}"
          f" - median(cold start, idle) {ms(median(coldIdleMs), 0)}   (target <= 20)  "
          f"{'PASS' if overheadIdle is not None and overheadIdle <= 20 else 'FAIL'}"),
+        ("  server CPU at 1st resp ms",
+         dist([c["cpuMs"] for c in coldLoaded if c.get("cpuMs")])),
         ("  same, vs cold start under load",
          f"{ms(overheadLoaded, 0)} = {ms(median(newFirst), 0)} - {ms(median(coldLoadedMs), 0)}"),
+        ("  paired: restart - next cold start",
+         f"{dist(paired)}   (each cold start under load minus the restart just before it)"),
     ]
     if quiet:
         rows += [
@@ -1234,6 +1343,8 @@ def main() -> int:
              f"{ms(median(quietFirst), 0)} - median(cold start, idle) "
              f"{ms(median(coldIdleMs), 0)}   (target <= 20)  "
              f"{'PASS' if overheadQuiet is not None and overheadQuiet <= 20 else 'FAIL'}"),
+            ("  paired: restart - cold start", f"{dist(pairedQuiet)}   (each restart minus "
+             "the idle cold start just before it)"),
         ]
     rows += [
         ("CPU during the run",
@@ -1242,6 +1353,12 @@ def main() -> int:
          f"{cpu.get('othersPct', 0):.0f}%; loadavg {info['loadavg'][0]:.2f} -> "
          f"{info['loadavgEnd'][0]:.2f}; run took {elapsed:.0f}s" if cpu else "-"),
     ]
+    if libraryChanged:
+        rows.append((
+            "WARNING",
+            f"the installed txgrace changed during the run ({info['libraryFingerprint']}"
+            f" -> {info['libraryFingerprintEnd']}): later successors ran other code",
+        ))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -1255,6 +1372,10 @@ def main() -> int:
                 "failureEvents": probeStats.failureEvents,
             },
             handoverOverheadWithoutLoadMs=overheadQuiet,
+            pairedWithoutLoadMs=pairedQuiet,
+            pairedUnderLoadMs=paired,
+            txgracePartMs={"underLoad": median(ownPart(restarts)),
+                           "withoutLoad": median(ownPart(quiet))},
             coldStartIdle=coldIdle,
             coldStartLoaded=coldLoaded,
             ok=stats.ok,
@@ -1272,8 +1393,8 @@ def main() -> int:
             serverAccessLogLines=server.accessLines,
             logDir=logDir,
         )
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1, default=str)
         print(f"\nwrote {args.json}")
     return 0 if totalFailed == 0 and not slowFailed and not probeFailed else 1
 
