@@ -39,7 +39,7 @@ REPO = os.path.dirname(HERE)
 SERVE = os.path.join(HERE, "_serve.py")
 TARGET = 0.97
 CASES = [
-    # name, scheme, inner endpoint (without the port), close?
+    # name, endpoint type, "Connection: close"?
     ("tcp keep-alive", "tcp", False),
     ("tcp close", "tcp", True),
     ("ssl keep-alive", "ssl", False),
@@ -259,7 +259,8 @@ def busySeconds() -> float:
     """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...
+    # user nice system idle iowait irq softirq steal ...  (A process's
+    # own CPU time includes some of the softirq time its traffic causes.)
     busy = fields[0] + fields[1] + fields[2] + sum(fields[5:8])
     return busy / os.sysconf("SC_CLK_TCK")
 
@@ -285,6 +286,13 @@ def waitForQuiet(limit: float, threshold: float = 0.10) -> float:
         load = (busySeconds() - before) / cpus
         if load < threshold or time.monotonic() >= deadline:
             return load
+
+
+def spread(values: list[float]) -> float:
+    """
+    (max - min) / mean of repeated runs of one server: the run-to-run noise.
+    """
+    return (max(values) - min(values)) / mean(values) if len(values) > 1 else 0.0
 
 
 def mean(values: list[float]) -> float:
@@ -349,7 +357,7 @@ def main() -> int:
         for name, scheme, close in selected:
             endpoint = innerEndpoint(scheme, keyPath, certPath)
             runs: dict[str, list[dict[str, Any]]] = {"plain": [], "grace": []}
-            for round in range(args.rounds):
+            for pair in range(args.rounds):
                 for mode in ("plain", "grace"):
                     if args.wait_quiet > 0:
                         waitForQuiet(args.wait_quiet)
@@ -372,17 +380,17 @@ def main() -> int:
                         otherLoad = max(other, 0.0) / ((os.cpu_count() or 1) * wall)
                     finally:
                         status = server.stop()
-                    run["serverCpuSeconds"] = round_(cpu, 3)
+                    run["serverCpuSeconds"] = round(cpu, 3)
                     run["serverCpuPerRequestUs"] = (
-                        round_(cpu / run["requests"] * 1e6, 2) if run["requests"] else None
+                        round(cpu / run["requests"] * 1e6, 2) if run["requests"] else None
                     )
-                    run["wrkCpuSeconds"] = round_(wrkCpu, 3)
-                    run["otherLoad"] = round_(otherLoad, 3)
+                    run["wrkCpuSeconds"] = round(wrkCpu, 3)
+                    run["otherLoad"] = round(otherLoad, 3)
                     run["serverExit"] = status
                     runs[mode].append(run)
                     errors = sum(run["socketErrors"].values()) + run["non2xx"]
                     print(
-                        f"  {name:<15} {mode:<5} run {round + 1}: {run['rps']:>9.1f} req/s"
+                        f"  {name:<15} {mode:<5} run {pair + 1}: {run['rps']:>9.1f} req/s"
                         f"  server cpu {run['serverCpuPerRequestUs']:>6.1f} us/req"
                         f"  other load {run['otherLoad'] * 100:3.0f}%"
                         + (f"  errors {run['socketErrors']} non-2xx {run['non2xx']}" if errors else ""),
@@ -394,18 +402,23 @@ def main() -> int:
             results.append(
                 {
                     "case": name,
-                    "plainRps": round_(plain, 1),
-                    "graceRps": round_(grace, 1),
-                    "ratio": round_(ratio, 4),
+                    "plainRps": round(plain, 1),
+                    "graceRps": round(grace, 1),
+                    "ratio": round(ratio, 4),
                     "target": TARGET,
                     "met": ratio >= TARGET,
-                    "plainCpuPerRequestUs": round_(
+                    "plainCpuPerRequestUs": round(
                         mean([r["serverCpuPerRequestUs"] for r in runs["plain"]]), 2
                     ),
-                    "graceCpuPerRequestUs": round_(
+                    "graceCpuPerRequestUs": round(
                         mean([r["serverCpuPerRequestUs"] for r in runs["grace"]]), 2
                     ),
-                    "otherLoadMax": round_(
+                    "spread": round(
+                        max(spread([r["rps"] for r in runs["plain"]]),
+                            spread([r["rps"] for r in runs["grace"]])),
+                        3,
+                    ),
+                    "otherLoadMax": round(
                         max(r["otherLoad"] for r in runs["plain"] + runs["grace"]), 3
                     ),
                     "runs": runs,
@@ -438,14 +451,11 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def round_(value: float, digits: int) -> float:
-    return round(value, digits)
-
-
 def printTable(results: list[dict[str, Any]]) -> None:
     header = (
         f"{'case':<15} {'plain req/s (runs)':<30} {'grace req/s (runs)':<30} "
-        f"{'grace/plain':>11}  {'target >= 0.97':<14}  {'cpu us/req plain/grace':>22}  {'other load':>10}"
+        f"{'grace/plain':>11}  {'target >= 0.97':<14}  {'spread':>6}  "
+        f"{'cpu us/req plain/grace':>22}  {'other load':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -457,15 +467,25 @@ def printTable(results: list[dict[str, Any]]) -> None:
         print(
             f"{r['case']:<15} {cell('plain', r['plainRps']):<30} {cell('grace', r['graceRps']):<30} "
             f"{r['ratio']:>11.3f}  {'met' if r['met'] else 'missed':<14}  "
+            f"{r['spread'] * 100:5.0f}%  "
             f"{r['plainCpuPerRequestUs']:>10.1f} / {r['graceCpuPerRequestUs']:<9.1f}"
-            f"  {r['otherLoadMax'] * 100:5.0f}%"
+            f"  {r['otherLoadMax'] * 100:9.0f}%"
         )
     busiest = max((r["otherLoadMax"] for r in results), default=0.0)
+    noisiest = max((r["spread"] for r in results), default=0.0)
     print(
-        "\nratio = mean grace req/s / mean plain req/s.  cpu us/req: the server's user+system\n"
-        "CPU time per request (lower is better).  other load: the most CPU that processes\n"
-        "other than the server and wrk used during a measured run, as a share of the machine."
+        "\nratio = mean grace req/s / mean plain req/s.  spread: the larger of (max - min) / mean\n"
+        "over the plain runs and over the grace runs, i.e. run-to-run noise of the same server.\n"
+        "cpu us/req: the server's user+system CPU time per request (lower is better).\n"
+        "other load: the most CPU that processes other than the server and wrk used during a\n"
+        "measured run, as a share of the machine."
     )
+    if noisiest > 1 - TARGET:
+        print(
+            f"NOTE: runs of the same server differ by up to {noisiest * 100:.0f}%, more than the "
+            f"{(1 - TARGET) * 100:.0f}% the target allows:\n"
+            "a met/missed verdict from these runs is within noise.  More --rounds help."
+        )
     if busiest > 0.05:
         print(
             f"WARNING: other processes used up to {busiest * 100:.0f}% of the machine during the runs;\n"

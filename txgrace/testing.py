@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -496,9 +496,3 @@ def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple
         status, body, _ = _readResponse(skt, False)
     return status, body
 
-
-def countIn(items: Iterable[str], word: str) -> int:
-    """
-    How many of C{items} contain C{word}.
-    """
-    return sum(1 for item in items if word in item)
