@@ -47,6 +47,11 @@ class SocketRegistry:
         L{None} for Twisted's adaptive batch.  Workers sharing one socket
         use 1: with batches, the first worker to wake takes every queued
         connection and the others sit idle.
+    @ivar accepting: Whether ports accept connections as soon as they
+        listen.  A process that is not ready yet leaves them queued on the
+        socket, where its predecessor (or, later, itself) accepts them: a
+        successor that dies before it is ready then takes no client down
+        with it.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class SocketRegistry:
         self.connections: set[Any] = set()
         self.handingOver = False
         self.acceptLimit: int | None = None
+        self.accepting = True
         self._connectionLostObservers: list[Callable[[Any], None]] = []
         self._readinessHolds: list[Deferred[Any]] = []
         self._factoriesToStop: list[Any] = []
@@ -123,6 +129,22 @@ class SocketRegistry:
             )
             os.close(inherited.fd)
         del self.inherited()[:]
+
+    def pauseAccepting(self) -> None:
+        """
+        Ports that start listening from now on leave connections queued
+        until L{resumeAccepting}.
+        """
+        self.accepting = False
+
+    def resumeAccepting(self) -> None:
+        """
+        Accept on every listening port.
+        """
+        self.accepting = True
+        for port in list(self.ports.values()):
+            if isinstance(port, _GracePort) and getattr(port, "connected", False):
+                port.startReading()
 
     def holdReadiness(self, until: Deferred[Any]) -> None:
         """
@@ -249,6 +271,10 @@ class _GracePort:
     key: str
     factory: Any
     numberAccepts: int
+
+    def startReading(self) -> None:
+        if self.registry.accepting:
+            super().startReading()  # type: ignore[misc]
 
     def doRead(self) -> Any:
         limit = self.registry.acceptLimit

@@ -47,7 +47,8 @@ class RestartRefused(Exception):
 def holdReadiness(until: Deferred[Any]) -> None:
     """
     Delay this process's readiness until C{until} fires, for example to warm
-    caches.  A predecessor keeps serving meanwhile.  Call it before the
+    caches.  A predecessor keeps serving meanwhile, and this process's ports
+    accept nothing (clients wait in the listen queue).  Call it before the
     reactor runs: at import time or from a service's C{startService}.  If
     C{until} fails, the process stops instead of becoming ready.
     """
@@ -192,6 +193,9 @@ class GraceService(MultiService):
         Start every child (so every port listens), then become ready once the
         reactor runs.
         """
+        # Connections wait on the socket until this process is ready, so a
+        # successor that dies first takes no client with it.
+        self._registry.pauseAccepting()
         MultiService.startService(self)
         self._reactor.callWhenRunning(self._running)
 
@@ -212,6 +216,7 @@ class GraceService(MultiService):
         if self._state != "starting":
             return
         self._registry.closeUnclaimed()
+        self._registry.resumeAccepting()
         self._state = "serving"
         log.info(
             "Serving {addresses} with pid {pid} (generation {generation})",

@@ -36,6 +36,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -502,6 +503,33 @@ class AdoptionTests(_ServingMixin, TestCase):
         client.transport.loseConnection()
         await closed
         self.assertEqual(registry.connections, set())
+
+    async def test_pausedAcceptingQueues(self) -> None:
+        """
+        While the registry's accepting is paused, a port listens but leaves
+        connections queued on its socket; they are accepted once it resumes.
+        """
+        endpoint = _isolated("tcp:0:interface=127.0.0.1")
+        registry = endpoint.registry
+        registry.pauseAccepting()
+        serverConnected: Deferred[Protocol] = Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                serverConnected.callback(self)
+
+        port = await self.listen(endpoint, Factory.forProtocol(Server))
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        self.addCleanup(client.transport.abortConnection)
+        # Give the reactor turns in which an accepting port would accept.
+        for _ in range(5):
+            await deferLater(reactor, 0.01)
+        self.assertEqual(registry.connections, set())
+        registry.resumeAccepting()
+        await serverConnected
+        self.assertEqual(len(registry.connections), 1)
 
 
 class ListenFailureTests(TestCase):

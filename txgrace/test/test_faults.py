@@ -59,8 +59,10 @@ class _FaultMixin:
     ) -> tuple[ServerProcess, Serving]:
         """
         Make the next successor fail with C{mode} under load; check that the
-        operator sees C{expected}, that no request failed, that the old
-        process serves on, and that a later restart works.
+        operator sees C{expected}, that no request failed, that the failed
+        successor served nobody (connections wait on the socket until a
+        process is ready), that the old process serves on, and that a later
+        restart works.
         """
         server, serving, fault = self.startFaulty(*extra)  # type: ignore[attr-defined]
         load = HTTPLoad("127.0.0.1", serving.port(), clients=4).start()
@@ -68,6 +70,7 @@ class _FaultMixin:
         with open(fault, "w") as f:
             f.write(mode)
         server.signal(signal.SIGHUP)
+        failed = server.waitForMessage("Started successor pid")["pid"]
         server.waitForMessage(expected)
         self.assertIn(f"pid {serving.pid}".encode(), get(serving.port()))
         os.unlink(fault)
@@ -75,6 +78,7 @@ class _FaultMixin:
         result = load.stop()
         self.assertEqual(dict(result.failures), {})
         self.assertIn(serving.pid, result.pids)
+        self.assertNotIn(failed, result.pids)
         self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
         return server, successor
 
@@ -131,7 +135,9 @@ class SuccessorFaultTests(_FaultMixin, TestCase):
         )
         os.unlink(fault)
         restart(server, serving)
-        self.assertEqual(dict(load.stop().failures), {})
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertNotIn(started["pid"], result.pids)
 
     def test_exitJustAfterReady(self) -> None:
         """

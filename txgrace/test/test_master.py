@@ -127,7 +127,9 @@ class DrillTests(_MasterMixin, TestCase):
         self.addCleanup(load.stop)
         with open(fault, "w") as f:
             f.write(mode)
+        since = server.eventCount()
         server.signal(signal.SIGHUP)
+        failed = server.waitForMessage("Started worker pid", since=since)["pid"]
         server.waitForMessage(expected, 60)
         self.assertTrue(all(isAlive(p) for p in workers))
         os.unlink(fault)
@@ -135,6 +137,8 @@ class DrillTests(_MasterMixin, TestCase):
         result = load.stop()
         self.assertEqual(dict(result.failures), {})
         self.assertTrue(set(workers) <= set(result.pids))
+        # A worker that never became ready accepted nothing.
+        self.assertNotIn(failed, result.pids)
         self.assertIn(_servedBy(get(port)), new)
 
     def test_workerCrashesAtStart(self) -> None:
