@@ -26,6 +26,7 @@ sys.path.insert(
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -55,9 +56,13 @@ def announce(port: object) -> None:
 def main(mode: str, endpoint: str) -> None:
     site = makeSite()
     if mode == "plain":
-        d = serverFromString(reactor, endpoint).listen(site)
-        d.addCallback(lambda port: reactor.callWhenRunning(announce, port))
-        d.addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr), reactor.stop()))
+        results: list[object] = []
+        # tcp: and ssl: listen at once: the Deferred has fired (or failed) here.
+        serverFromString(reactor, endpoint).listen(site).addBoth(results.append)
+        (port,) = results
+        if isinstance(port, Failure):
+            port.raiseException()
+        reactor.callWhenRunning(announce, port)
     elif mode == "grace":
         import txgrace
         from txgrace import GraceService
