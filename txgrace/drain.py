@@ -181,7 +181,7 @@ class Drain:
                 if not request.startedWriting:
                     request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return
-        quiet = self._clock.seconds() - getattr(connection, "lastActive", 0.0)
+        quiet = connection.quietSeconds(self._clock.seconds())
         if quiet >= self._idleQuiet and not getattr(channel, "_buffer", b""):
             channel.loseConnection()
         else:

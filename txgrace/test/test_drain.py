@@ -66,6 +66,9 @@ class FakeConnection:
     def getPeer(self) -> IPv4Address:
         return IPv4Address("TCP", "192.0.2.1", 40000)
 
+    def quietSeconds(self, now: float) -> float:
+        return now - self.lastActive
+
     def abortConnection(self) -> None:
         self.aborted = True
         self.close(Failure(ConnectionAborted()))

@@ -17,7 +17,7 @@ import socket
 import ssl
 import stat
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -530,6 +530,56 @@ class AdoptionTests(_ServingMixin, TestCase):
         registry.resumeAccepting()
         await serverConnected
         self.assertEqual(len(registry.connections), 1)
+
+    async def assertQuietSecondsFollowsTraffic(
+        self, endpoint: Any, client: Callable[[Any], IStreamClientEndpoint]
+    ) -> None:
+        """
+        C{quietSeconds} of the connection accepted through C{endpoint} (from
+        the client endpoint C{client(port)}) grows while nothing is sent,
+        and starts again from zero on traffic.
+        """
+        registry = endpoint.registry
+        serverConnected: Deferred[Protocol] = Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                serverConnected.callback(self)
+
+        port = await self.listen(endpoint, Factory.forProtocol(Server))
+        clientProtocol = await connectProtocol(client(port), Protocol())
+        self.addCleanup(clientProtocol.transport.abortConnection)
+        server = await serverConnected
+        (connection,) = registry.connections
+
+        def quiet() -> float:
+            return connection.quietSeconds(reactor.seconds())
+
+        await deferLater(reactor, 0.3)
+        before = quiet()
+        self.assertGreaterEqual(before, 0.25)
+        server.transport.write(b"x")
+        await deferLater(reactor, 0.01)
+        self.assertLess(quiet(), before)
+
+    async def test_quietSecondsTCP(self) -> None:
+        """
+        A TCP connection knows how long it has been quiet (from the kernel).
+        """
+        await self.assertQuietSecondsFollowsTraffic(
+            _isolated("tcp:0:interface=127.0.0.1"),
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+
+    async def test_quietSecondsUNIX(self) -> None:
+        """
+        A UNIX socket connection knows how long it has been quiet.
+        """
+        path = os.path.join(tempfile.mkdtemp(prefix="txgrace-test-"), "s")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+        await self.assertQuietSecondsFollowsTraffic(
+            _isolated(f"unix:{path}"), lambda port: UNIXClientEndpoint(reactor, path)
+        )
 
 
 class ListenFailureTests(TestCase):
