@@ -27,7 +27,16 @@ HOST = "127.0.0.1"
 
 
 def machineInfo() -> dict[str, Any]:
+    """
+    What the figures were measured on: the machine, the software (with the
+    git revision of this checkout, and whether txgrace/ has uncommitted
+    changes) and the command that printed them.
+    """
+    import resource
+
     import twisted
+
+    import txgrace
 
     model = "?"
     try:
@@ -48,18 +57,18 @@ def machineInfo() -> dict[str, Any]:
             capture_output=True, text=True, timeout=10,
         ).stdout.strip()
         revision = head + (" (txgrace/ has uncommitted changes)" if dirty else "")
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         revision = "?"
-    import resource
-
     return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "twisted": twisted.__version__,
-        "txgrace_revision": revision,
+        "txgrace": revision,
+        "txgracePath": os.path.dirname(txgrace.__file__),
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "loadavg": os.getloadavg(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
     }
 
@@ -67,12 +76,13 @@ def machineInfo() -> dict[str, Any]:
 def printMachineInfo(info: dict[str, Any]) -> None:
     print(f"command:  {info['command']}  (cwd {os.getcwd()})")
     print(
-        f"machine:  nproc={info['nproc']}  cpu={info['cpu_model']}  "
-        f"kernel={info['kernel']}"
+        f"machine:  nproc={info['nproc']}  cpu={info['cpu']}  "
+        f"kernel={info['kernel']}  loadavg={info['loadavg'][0]:.2f} at start"
     )
     print(
         f"software: python {info['python']}  Twisted {info['twisted']}  "
-        f"txgrace {info['txgrace_revision']}  RLIMIT_NOFILE={info['nofile_limit']}"
+        f"txgrace {info['txgrace']} from {info['txgracePath']}  "
+        f"RLIMIT_NOFILE={info['nofile_limit']}"
     )
     sys.stdout.flush()
 

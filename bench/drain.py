@@ -26,7 +26,6 @@ import resource
 import selectors
 import signal
 import socket
-import statistics
 import sys
 import time
 from typing import Any

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -34,8 +33,9 @@ import tempfile
 import time
 from typing import Any
 
+from _common import machineInfo, printMachineInfo
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 SERVE = os.path.join(HERE, "_serve.py")
 TARGET = 0.97
 CASES = [
@@ -213,46 +213,6 @@ def runWrk(
     }
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import twisted
-
-    source = os.environ.get("TXGRACE_BENCH_SOURCE") or REPO
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, os; sys.path.insert(0, sys.argv[1]); import txgrace; "
-            "print(getattr(txgrace, '__version__', '?'), os.path.dirname(txgrace.__file__))",
-            source,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    txgraceVersion = probe.stdout.strip() or "not importable: " + probe.stderr.strip()[-200:]
-    wrkVersion = subprocess.run(
-        ["wrk", "-v"], capture_output=True, text=True
-    ).stdout.splitlines()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "pythonExecutable": sys.executable,
-        "twisted": twisted.__version__,
-        "txgrace": txgraceVersion,
-        "wrk": wrkVersion[0].strip() if wrkVersion else "?",
-    }
-
-
 def busySeconds() -> float:
     """
     CPU seconds the whole machine has spent busy (all CPUs, every process).
@@ -329,17 +289,17 @@ def main() -> int:
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--duration and --rounds must be at least 1, --warmup at least 0")
 
-    commandLine = shlex.join([os.path.basename(sys.executable)] + sys.argv)
     if args.txgrace:
         os.environ["TXGRACE_BENCH_SOURCE"] = os.path.abspath(args.txgrace)
     wrk = ensureWrk()
-    info = machine()
-    print(f"command: {commandLine}")
-    print(
-        f"machine: nproc={info['nproc']}, cpu={info['cpu']!r}, kernel {info['kernel']}, "
-        f"Python {info['python']}, Twisted {info['twisted']}, {info['wrk']}\n"
-        f"txgrace: {info['txgrace']}"
-    )
+    info = machineInfo()
+    if args.txgrace:
+        info["txgrace"] = "from --txgrace"
+        info["txgracePath"] = os.environ["TXGRACE_BENCH_SOURCE"]
+    wrkVersion = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout
+    info["wrk"] = (wrkVersion.splitlines() or ["?"])[0].strip()
+    printMachineInfo(info)
+    print(info["wrk"])
     print(
         f"load: wrk -t{args.threads} -c{args.connections}, {args.warmup:g} s warm-up + "
         f"{args.duration:g} s measured per run, {args.rounds} x (plain, grace) per case, "
@@ -437,7 +397,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "command": commandLine,
+                    "command": info["command"],
                     "machine": info,
                     "options": vars(args),
                     "target": TARGET,

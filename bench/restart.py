@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import select
 import shlex
@@ -62,7 +61,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT as REPO
+from _common import machineInfo
 
 from txgrace.testing import isAlive  # noqa: E402
 
@@ -764,40 +764,6 @@ def ms(value: float | None, width: int = 8) -> str:
     return ("-" if value is None else f"{value:.1f}").rjust(width)
 
 
-def machineInfo() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import twisted
-
-    try:
-        from txgrace._version import __version__ as txgraceVersion
-    except ImportError:
-        txgraceVersion = "?"
-    affinity: int | None
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "nproc": affinity,
-        "cpu_count": os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "twisted": twisted.__version__,
-        "txgrace": txgraceVersion,
-        "loadavg": os.getloadavg(),
-    }
-
-
 def logLevel(event: dict[str, Any]) -> str:
     level = event.get("log_level")
     if isinstance(level, dict):
@@ -905,40 +871,6 @@ def libraryFingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def gitState() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "txgrace"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.split("\n")
-        changed = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    state = head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
-    try:
-        import txgrace
-
-        installed = os.path.dirname(txgrace.__file__)
-        differ = []
-        for name in sorted(os.listdir(os.path.join(REPO, "txgrace"))):
-            if name.endswith(".py"):
-                mine = os.path.join(REPO, "txgrace", name)
-                theirs = os.path.join(installed, name)
-                if not os.path.exists(theirs) or open(mine, "rb").read() != open(theirs, "rb").read():
-                    differ.append(name)
-        state += (
-            "; installed copy = working tree" if not differ
-            else f"; installed copy differs from the working tree in {', '.join(differ)}"
-        )
-    except OSError:
-        pass
-    return state
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--restarts", type=int, default=50)
@@ -979,12 +911,8 @@ def main() -> int:
 
     import tempfile
 
-    import txgrace
-
     logDir = tempfile.mkdtemp(prefix="txgrace-restart-bench-")
     info = machineInfo()
-    info["txgracePath"] = os.path.dirname(txgrace.__file__)
-    info["git"] = gitState()
     info["libraryFingerprint"] = libraryFingerprint()
     command = serverCommand(args.launcher, f"grace:tcp:0:interface={HOST}")
     keepAlive = round(args.connections * args.keepalive_fraction)
@@ -1002,7 +930,7 @@ def main() -> int:
     print(
         f"versions  : Python {info['python']}, Twisted {info['twisted']}, "
         f"txgrace {info['txgrace']} from {info['txgracePath']} "
-        f"(fingerprint {info['libraryFingerprint']}); repo {info['git']}"
+        f"(fingerprint {info['libraryFingerprint']})"
     )
     print(
         f"load      : {args.connections} closed-loop asyncio clients in this process "
