@@ -10,7 +10,7 @@ Drain benchmark for txgrace (prints figures; not a pass/fail test).
 
 Run from the repository root:
 
-    /tmp/venv/dev/bin/python bench/drain.py [--connections 10000]
+    .venv/bin/python bench/drain.py [--connections 10000]
         [--repeats 5] [--json FILE]
 
 Everything listens on 127.0.0.1 only; every server process is started here

@@ -18,7 +18,7 @@ Targets: generation N has as many fds as generation 1, and an RSS within 5%.
 
 Run from the repository root:
 
-    /tmp/venv/dev/bin/python bench/generations.py [--restarts 100] [--json FILE]
+    .venv/bin/python bench/generations.py [--restarts 100] [--json FILE]
 
 Everything listens on 127.0.0.1 only; every server process is started here
 and killed by pid (ServerProcess.kill) if it is still alive at the end.

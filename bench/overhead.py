@@ -7,8 +7,8 @@ grace:tcp:PORT (and on ssl: and grace:ssl:), each by a fresh server process
 wrk, with keep-alive and with "Connection: close".  Prints requests/s of
 both, the ratio grace/plain, and whether it meets the target (>= 0.97).
 
-    python bench/overhead.py                 # about 2 minutes
-    python bench/overhead.py --duration 10 --rounds 3 --json out.json
+    .venv/bin/python bench/overhead.py           # about 3 minutes
+    .venv/bin/python bench/overhead.py --duration 10 --rounds 5 --json out.json
 
 wrk (the Debian package) is installed with apt-get if it is missing.  Only
 127.0.0.1 is used.  This is a benchmark: it prints figures and exits 0
@@ -265,7 +265,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="whole seconds of wrk warm-up per server, discarded; 0 for none (1)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1: leave the server a core)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
-    parser.add_argument("--rounds", type=int, default=2, help="A B pairs per case (2: A B A B)")
+    parser.add_argument("--rounds", type=int, default=3, help="A B pairs per case (3: A B A B A B)")
     parser.add_argument(
         "--case",
         action="append",

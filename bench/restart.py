@@ -5,7 +5,7 @@ Benchmark zero-downtime restarts of the gracedemo under C{twist txgrace}.
 Run it from the repository root (so that C{demo} is importable) with the
 virtualenv's python:
 
-    /tmp/venv/dev/bin/python bench/restart.py [--restarts 50] [--json out.json]
+    .venv/bin/python bench/restart.py [--restarts 50] [--json out.json]
 
 What it does, in one run:
 

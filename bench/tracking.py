@@ -6,7 +6,7 @@ The socket and the reactor are stand-ins that do nothing, so the difference
 is the Python work txgrace adds per connection, free of the run-to-run
 noise of a loaded server (bench/overhead.py measures that whole).
 
-    python bench/tracking.py [--connections 50000] [--rounds 5]
+    .venv/bin/python bench/tracking.py [--connections 50000] [--rounds 5]
 
 Prints the best round of each, per connection, and the difference.  Nothing
 runs per read or write on TCP: how long a connection has been quiet comes
