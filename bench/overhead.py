@@ -35,6 +35,8 @@ from typing import Any
 
 from _common import machineInfo, printMachineInfo
 
+from txgrace.testing import writeSelfSignedCertificate
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVE = os.path.join(HERE, "_serve.py")
 TARGET = 0.97
@@ -62,48 +64,6 @@ def ensureWrk() -> str:
     if not wrk:
         raise SystemExit("wrk is still missing after apt-get install")
     return wrk
-
-
-def makeCertificate(directory: str) -> tuple[str, str]:
-    """
-    A self-signed ECDSA P-256 certificate for 127.0.0.1.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    keyPath = os.path.join(directory, "key.pem")
-    certPath = os.path.join(directory, "cert.pem")
-    with open(keyPath, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    with open(certPath, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return keyPath, certPath
 
 
 def _escape(path: str) -> str:
@@ -310,7 +270,7 @@ def main() -> int:
     selected = [c for c in CASES if not args.case or c[0].replace(" ", "-") in args.case]
     tmp = tempfile.mkdtemp(prefix="txgrace-bench-")
     serverLog = os.path.join(tmp, "servers.log")
-    keyPath, certPath = makeCertificate(tmp)
+    keyPath, certPath = writeSelfSignedCertificate(tmp)
     results: list[dict[str, Any]] = []
     failed = False
     try:

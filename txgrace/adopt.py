@@ -233,7 +233,8 @@ class _TrackedConnection:
     _transportClass: Any
     """
     The Twisted transport class this one extends.  Its methods are called
-    directly: through C{super()}, a mix-in measured slower per connection.
+    directly rather than through C{super()}: this runs for every connection,
+    and C{bench/tracking.py} measures what it costs.
     """
 
     def __init__(

@@ -10,12 +10,11 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from txgrace.test.test_endpoints import _writeSelfSignedCertificate
+from txgrace.testing import writeSelfSignedCertificate
 from txgrace.test.test_install import _sourceTree
 from txgrace.test.test_process import _Background, startServer
 from txgrace.testing import ServerProcess, isAlive, waitUntil
@@ -101,7 +100,7 @@ class HTTP2DrainTests(TestCase):
             raise SkipTest("h2 is not installed")
         directory = os.path.abspath(self.mktemp())
         os.mkdir(directory)
-        key, cert = _writeSelfSignedCertificate(directory)
+        key, cert = writeSelfSignedCertificate(directory)
         server, serving = startServer(
             self,
             "--endpoint",

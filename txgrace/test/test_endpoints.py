@@ -9,8 +9,6 @@ that inherits nothing, so the tests never touch the process registry.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import socket
@@ -19,10 +17,6 @@ import stat
 import tempfile
 from typing import Any, Callable
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import (
@@ -48,6 +42,7 @@ from zope.interface import implementer
 from txgrace.adopt import GraceTCPPort, GraceUNIXPort, SocketRegistry
 from txgrace.adopt import registry as processRegistry
 from txgrace.endpoints import GraceServerEndpoint
+from txgrace.testing import writeSelfSignedCertificate
 
 BODY = b"hello from txgrace"
 
@@ -110,49 +105,19 @@ def _whenNoConnections(registry: SocketRegistry) -> Deferred[None]:
     return done
 
 
-def _writeSelfSignedCertificate(directory: str) -> tuple[str, str]:
+def _firstServerProtocol() -> tuple[Factory, Deferred[Protocol]]:
     """
-    Write a fresh self-signed certificate for C{localhost} and 127.0.0.1 and
-    its key into C{directory}.
+    A server factory, and a Deferred that fires with its first protocol once
+    that is connected.
+    """
+    connected: Deferred[Protocol] = Deferred()
 
-    @return: The paths of the key and of the certificate, both PEM.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    os.makedirs(directory, exist_ok=True)
-    keyPath = os.path.join(directory, "key.pem")
-    certPath = os.path.join(directory, "cert.pem")
-    with open(keyPath, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    with open(certPath, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    return keyPath, certPath
+    class Server(Protocol):
+        def connectionMade(self) -> None:
+            if not connected.called:
+                connected.callback(self)
+
+    return Factory.forProtocol(Server), connected
 
 
 @implementer(IAgentEndpointFactory)
@@ -216,7 +181,7 @@ class ParseTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.keyPath, self.certPath = _writeSelfSignedCertificate(self.mktemp())
+        self.keyPath, self.certPath = writeSelfSignedCertificate(self.mktemp())
 
     def assertInvalid(self, description: str) -> ValueError:
         """
@@ -484,13 +449,8 @@ class AdoptionTests(_ServingMixin, TestCase):
         """
         endpoint = _isolated("tcp:0:interface=127.0.0.1")
         registry = endpoint.registry
-        serverConnected: Deferred[Protocol] = Deferred()
-
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                serverConnected.callback(self)
-
-        port = await self.listen(endpoint, Factory.forProtocol(Server))
+        factory, serverConnected = _firstServerProtocol()
+        port = await self.listen(endpoint, factory)
         self.assertEqual(registry.connections, set())
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
@@ -512,13 +472,8 @@ class AdoptionTests(_ServingMixin, TestCase):
         endpoint = _isolated("tcp:0:interface=127.0.0.1")
         registry = endpoint.registry
         registry.pauseAccepting()
-        serverConnected: Deferred[Protocol] = Deferred()
-
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                serverConnected.callback(self)
-
-        port = await self.listen(endpoint, Factory.forProtocol(Server))
+        factory, serverConnected = _firstServerProtocol()
+        port = await self.listen(endpoint, factory)
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
         )
@@ -540,13 +495,8 @@ class AdoptionTests(_ServingMixin, TestCase):
         and starts again from zero on traffic.
         """
         registry = endpoint.registry
-        serverConnected: Deferred[Protocol] = Deferred()
-
-        class Server(Protocol):
-            def connectionMade(self) -> None:
-                serverConnected.callback(self)
-
-        port = await self.listen(endpoint, Factory.forProtocol(Server))
+        factory, serverConnected = _firstServerProtocol()
+        port = await self.listen(endpoint, factory)
         clientProtocol = await connectProtocol(client(port), Protocol())
         self.addCleanup(clientProtocol.transport.abortConnection)
         server = await serverConnected
@@ -744,7 +694,7 @@ class TLSTests(_ServingMixin, TestCase):
     REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
     async def setUp(self) -> None:
-        keyPath, certPath = _writeSelfSignedCertificate(self.mktemp())
+        keyPath, certPath = writeSelfSignedCertificate(self.mktemp())
         with open(certPath, "rb") as f:
             self.certificate = ssl.PEM_cert_to_DER_cert(f.read().decode("ascii"))
         self.endpoint = _isolated(

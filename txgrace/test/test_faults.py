@@ -16,9 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
-import sysconfig
 import time
-import venv
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -31,6 +29,7 @@ from txgrace.test.test_process import (
     shortTemporaryDirectory,
     startServer,
 )
+from txgrace.test.test_install import virtualenvSharingPackages
 from txgrace.test.test_restart import get, restart
 from txgrace.testing import (
     HTTPLoad,
@@ -160,14 +159,7 @@ class SuccessorFaultTests(_FaultMixin, TestCase):
         old process serves on and says what is missing.
         """
         directory = os.path.join(shortTemporaryDirectory(self), "venv")
-        venv.create(directory, with_pip=False)
-        python = os.path.join(directory, "bin", "python")
-        purelib = subprocess.check_output(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            text=True,
-        ).strip()
-        with open(os.path.join(purelib, "this_environment.pth"), "w") as pth:
-            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        python, _ = virtualenvSharingPackages(directory, withPip=False)
         server = ServerProcess(
             [],
             command=[

@@ -36,6 +36,24 @@ def _sourceTree() -> str:
     return source
 
 
+def virtualenvSharingPackages(directory: str, withPip: bool) -> tuple[str, str]:
+    """
+    Create a virtualenv in C{directory} that also sees this one's packages
+    (through a C{.pth} file), so that no test needs the network.
+
+    @return: Its python and its site-packages directory.
+    """
+    venv.create(directory, with_pip=withPip)
+    python = os.path.join(directory, "bin", "python")
+    purelib = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        text=True,
+    ).strip()
+    with open(os.path.join(purelib, "_txgrace_test_deps.pth"), "w") as pth:
+        pth.write(sysconfig.get_paths()["purelib"] + "\n")
+    return python, purelib
+
+
 class InstallTests(TestCase):
     """
     C{pip install .} into a throwaway virtualenv.
@@ -52,14 +70,7 @@ class InstallTests(TestCase):
         """
         source = _sourceTree()
         target = os.path.abspath(self.mktemp())
-        venv.create(target, with_pip=True)
-        python = os.path.join(target, "bin", "python")
-        purelib = subprocess.check_output(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            text=True,
-        ).strip()
-        with open(os.path.join(purelib, "_txgrace_test_deps.pth"), "w") as pth:
-            pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        python, purelib = virtualenvSharingPackages(target, withPip=True)
         subprocess.run(
             [
                 python, "-m", "pip", "install", "-q", "--no-deps",
