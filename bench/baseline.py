@@ -14,9 +14,11 @@ Prints the failed requests of each kind, per restart, for both.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,14 +31,12 @@ from restart import KINDS, AsyncLoad, freePort, serverEnvironment
 from txgrace.testing import isAlive, waitUntil
 
 HOST = "127.0.0.1"
-_GRACE_PIDFILE = os.path.join(tempfile.mkdtemp(prefix="txgrace-baseline-"), "grace.pid")
 
 
 def waitListening(port: int, timeout: float = 30.0) -> None:
     """
     Wait until something accepts on C{port}.
     """
-    import socket
 
     def accepts() -> bool:
         try:
@@ -60,13 +60,13 @@ def startPlain(port: int) -> subprocess.Popen[bytes]:
     return server
 
 
-def startGrace(port: int) -> subprocess.Popen[bytes]:
+def startGrace(port: int, pidFile: str) -> subprocess.Popen[bytes]:
     server = subprocess.Popen(
         [
             os.path.join(os.path.dirname(sys.executable), "twist"),
             "txgrace",
             "--pidfile",
-            _GRACE_PIDFILE,
+            pidFile,
             "--endpoint",
             f"grace:tcp:{port}:interface={HOST}",
             "--app",
@@ -93,9 +93,7 @@ def measure(
     """
     port = freePort()
     first = start(port)
-    state: dict[str, Any] = {
-        "process": first, "pid": first.pid, "port": port, "pidFile": _GRACE_PIDFILE
-    }
+    state: dict[str, Any] = {"process": first, "pid": first.pid, "port": port}
     load = AsyncLoad(port, args.connections, 0.5, args.timeout).start()
     time.sleep(1.0)
     began = time.monotonic()
@@ -125,24 +123,24 @@ def restartPlain(state: dict[str, Any]) -> None:
     state["pid"] = state["process"].pid
 
 
-def restartGrace(state: dict[str, Any]) -> None:
+def restartGrace(pidFile: str, state: dict[str, Any]) -> None:
     old = state["pid"]
     os.kill(old, signal.SIGHUP)
     # The pidfile names the successor once it is ready; the old process
     # exits once it has drained.
-    if not waitUntil(lambda: _pidFile(state) != old, 60):
+    if not waitUntil(lambda: _readPid(pidFile) != old, 60):
         raise RuntimeError(f"pid {old} did not hand over within 60s")
     if not waitUntil(lambda: not isAlive(old), 60):
         raise RuntimeError(f"pid {old} did not exit within 60s of its handover")
     if state["process"] is not None:
         state["process"].wait(5)
         state["process"] = None
-    state["pid"] = _pidFile(state)
+    state["pid"] = _readPid(pidFile)
 
 
-def _pidFile(state: dict[str, Any]) -> int | None:
+def _readPid(pidFile: str) -> int | None:
     try:
-        with open(state["pidFile"]) as f:
+        with open(pidFile) as f:
             return int(f.read())
     except (OSError, ValueError):
         return None
@@ -162,10 +160,20 @@ def main() -> None:
         f"load: {args.connections} closed-loop clients (half keep-alive), no retries; "
         f"{args.restarts} restarts each, {args.pause:g}s apart\n"
     )
-    results = [
-        measure("plain Twisted, SIGTERM + start", startPlain, restartPlain, args),
-        measure("twist txgrace, SIGHUP", startGrace, restartGrace, args),
-    ]
+    directory = tempfile.mkdtemp(prefix="txgrace-baseline-")
+    pidFile = os.path.join(directory, "grace.pid")
+    try:
+        results = [
+            measure("plain Twisted, SIGTERM + start", startPlain, restartPlain, args),
+            measure(
+                "twist txgrace, SIGHUP",
+                functools.partial(startGrace, pidFile=pidFile),
+                functools.partial(restartGrace, pidFile),
+                args,
+            ),
+        ]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     print(f"{'server':34s} {'ok':>8s} {'failed':>7s} {'per restart':>12s}  by kind")
     for result in results:
         kinds = ", ".join(f"{k} {v}" for k, v in result["failures"].items() if v) or "-"
@@ -173,7 +181,6 @@ def main() -> None:
             f"{result['name']:34s} {result['ok']:8d} {result['failed']:7d} "
             f"{result['failedPerRestart']:12.1f}  {kinds}"
         )
-    shutil.rmtree(os.path.dirname(_GRACE_PIDFILE), ignore_errors=True)
     writeJSON(args.json, {"machine": info, "results": results})
 
 

@@ -160,6 +160,15 @@ class _ServingMixin:
         self.addCleanup(close)
         return port
 
+    def mkdtemp(self) -> str:
+        """
+        A short temporary directory (UNIX socket paths are limited to about
+        100 bytes), removed in cleanup.
+        """
+        directory = tempfile.mkdtemp(prefix="txgrace-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return directory
+
     async def fetch(self, client: IStreamClientEndpoint) -> tuple[int, bytes]:
         """
         GET / through C{client} with a Twisted L{Agent}.
@@ -361,15 +370,6 @@ class ServeTests(_ServingMixin, TestCase):
         await port.stopListening()
         self.assertEqual(endpoint.registry.ports, {})
 
-    def mkdtemp(self) -> str:
-        """
-        A short temporary directory (UNIX socket paths are limited to about
-        100 bytes), removed in cleanup.
-        """
-        directory = tempfile.mkdtemp(prefix="txgrace-test-")
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        return directory
-
 
 class AdoptionTests(_ServingMixin, TestCase):
     """
@@ -525,8 +525,7 @@ class AdoptionTests(_ServingMixin, TestCase):
         """
         A UNIX socket connection knows how long it has been quiet.
         """
-        path = os.path.join(tempfile.mkdtemp(prefix="txgrace-test-"), "s")
-        self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+        path = os.path.join(self.mkdtemp(), "s")
         await self.assertQuietSecondsFollowsTraffic(
             _isolated(f"unix:{path}"), lambda port: UNIXClientEndpoint(reactor, path)
         )
