@@ -145,7 +145,7 @@ def main() -> None:
             # measurement waits READY_SETTLE seconds more.
             newPid = current.pid
             server.waitFor(
-                lambda e: e.get("log_namespace") == "txgrace.service"
+                lambda e: e.get("log_namespace") == "txgrace.lifecycle"
                 and e.get("successor") == newPid
                 and "hands over" in e.get("log_format", ""),
                 options.timeout,

@@ -497,7 +497,7 @@ class LoggedServer:
 
     def waitServing(self, generation: int, timeout: float) -> Serving:
         event = self.waitFor(
-            lambda e: e.get("log_namespace") == "txgrace.service"
+            lambda e: e.get("log_namespace") == "txgrace.lifecycle"
             and "addresses" in e
             and e.get("generation") == generation,
             timeout,

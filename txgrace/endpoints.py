@@ -27,6 +27,8 @@ from txgrace.adopt import (
     holdSocket,
     registry as processRegistry,
 )
+from txgrace.lifecycle import lifecycleFor
+from txgrace.settings import SettingError
 
 SUPPORTED_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
@@ -198,10 +200,23 @@ class GraceServerEndpoint:
         """
         Listen with C{protocolFactory}.
 
+        The first C{grace:} listen of a process installs its lifecycle (see
+        L{txgrace.lifecycle}), whatever program runs it.
+
         @return: A Deferred that fires with the listening port, or fails with
             L{twisted.internet.error.CannotListenError} naming the address.
+        @raise SystemExit: With one line, if a C{TXGRACE_*} variable has a
+            bad value.
         """
-        return self._inner.listen(protocolFactory)
+        if self.registry is not processRegistry:
+            # A registry of its own (as in tests) is not this process's.
+            return self._inner.listen(protocolFactory)
+        lifecycle = lifecycleFor(self.registry, self._reactor)
+        try:
+            lifecycle.install()  # Before the port accepts anything.
+        except SettingError as e:
+            raise SystemExit(f"txgrace: error: {e}") from None
+        return lifecycle.listening(self._inner.listen(protocolFactory))
 
     def __repr__(self) -> str:
         return f"<GraceServerEndpoint {self.description!r}>"

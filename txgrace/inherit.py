@@ -245,9 +245,16 @@ def listenEnvironment(
     return environment
 
 
-def trampoline(argv: Sequence[str]) -> list[str]:
+def trampoline(argv: Sequence[str], ignoreSignals: Sequence[int] = ()) -> list[str]:
     """
     Wrap C{argv} so that the program starts with C{LISTEN_PID} equal to its
     own pid, as the systemd protocol requires.
+
+    @param ignoreSignals: Signals the program starts with ignored: an ignored
+        disposition survives C{exec}, so a restart signal that reaches it
+        before it installs its handlers cannot kill it.
     """
-    return ["/bin/sh", "-c", _TRAMPOLINE, *argv]
+    script = _TRAMPOLINE
+    if ignoreSignals:
+        script = f"trap '' {' '.join(str(int(s)) for s in ignoreSignals)}; " + script
+    return ["/bin/sh", "-c", script, *argv]

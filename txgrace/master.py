@@ -24,17 +24,22 @@ import os
 from typing import Any, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from txgrace import sdnotify
 from txgrace.adopt import HeldSocket, SocketRegistry, registry as processRegistry
-from txgrace.pidfile import removePidFile, writePidFile
-from txgrace.restart import Successor, SuccessorFailed, ignoreRestartSignals
-from txgrace.service import DEFAULT_RESTART_SIGNALS, RestartRefused
-from txgrace.signals import SignalHandlers
+from txgrace.lifecycle import IWorkers, lifecycleFor
+from txgrace.restart import Successor, SuccessorFailed
 
 log = Logger()
 
@@ -63,9 +68,13 @@ class _Slot:
         self.respawnCall: Any = None
 
 
+@implementer(IWorkers)
 class MasterService(Service):
     """
     Holds the sockets of C{endpoints} and runs C{workers} workers on them.
+    The process's lifecycle (L{txgrace.lifecycle}) drives it: its states,
+    signals, readiness, pidfile and sd_notify are the lifecycle's, and this
+    service is its policy for workers (L{IWorkers}).
 
     @ivar workerPids: The pids of the workers serving now, by slot.
     """
@@ -74,11 +83,11 @@ class MasterService(Service):
         self,
         endpoints: Sequence[str],
         workers: int,
-        hammerTimeout: float = 60.0,
-        readyTimeout: float = 60.0,
+        hammerTimeout: float | None = None,
+        readyTimeout: float | None = None,
         pidFile: str | None = None,
-        restartSignals: Sequence[int] = DEFAULT_RESTART_SIGNALS,
-        shutdownDelay: float = 0.0,
+        restartSignals: Sequence[int] | None = None,
+        shutdownDelay: float | None = None,
         reactor: Any = None,
         registry: SocketRegistry | None = None,
         command: Sequence[str] | None = None,
@@ -89,24 +98,24 @@ class MasterService(Service):
             reactor = globalReactor
         self._reactor = reactor
         self._registry = processRegistry if registry is None else registry
+        self.lifecycle = lifecycleFor(self._registry, reactor)
+        given = dict(
+            hammerTimeout=hammerTimeout,
+            readyTimeout=readyTimeout,
+            pidFile=pidFile,
+            restartSignals=restartSignals,
+            shutdownDelay=shutdownDelay,
+        )
+        self.lifecycle.configure(**{k: v for k, v in given.items() if v is not None})
         self._descriptions = list(endpoints)
         self._slots = [_Slot(n) for n in range(1, workers + 1)]
-        self.hammerTimeout = hammerTimeout
-        self.readyTimeout = readyTimeout
-        self.pidFile = pidFile
-        self.shutdownDelay = shutdownDelay
         self._command = command
         self._sockets: list[HeldSocket] = []
         self._draining: set[Successor] = set()
         self._starting: set[Successor] = set()
-        self._state = "starting"
-        self._pid = os.getpid()
-        self._stopped: Deferred[None] | None = None
-        self._signals = SignalHandlers(
-            reactor, self._stopOnSignal, self.hammer, self._rollOnSignal, restartSignals
-        )
+        self._stopping = False
+        self._everReady = False
         self._reaper: LoopingCall | None = None
-        ignoreRestartSignals(restartSignals)
 
     @property
     def workerPids(self) -> dict[int, int | None]:
@@ -118,46 +127,62 @@ class MasterService(Service):
 
     def startService(self) -> None:
         """
-        Take every socket now (so that a bad endpoint fails the start), then
-        start the workers once the reactor runs.
+        Take charge of the process and every socket now (so that a bad
+        endpoint fails the start); the lifecycle starts the workers once
+        the reactor runs.
         """
         Service.startService(self)
+        self.lifecycle.workers = self
+        self.lifecycle.install()
         for description in self._descriptions:
             endpoint = serverFromString(self._reactor, description)
             self._sockets.append(endpoint.hold())
         self._registry.closeUnclaimed()
-        self._reactor.callWhenRunning(self._running)
-
-    def _running(self) -> None:
-        self._signals.install()
         if os.getpid() == 1:
-            self._reaper = LoopingCall(reapOrphans)
-            self._reaper.clock = self._reactor
-            self._reaper.start(1.0, now=False)
-        starts = [self._fill(slot) for slot in self._slots]
-        DeferredList(starts).addCallback(lambda _: self._allReady())
+            self._reactor.callWhenRunning(self._startReaper)
 
-    def _allReady(self) -> None:
-        if self._state != "starting":
-            return
-        self._state = "serving"
+    def _startReaper(self) -> None:
+        self._reaper = LoopingCall(reapOrphans)
+        self._reaper.clock = self._reactor
+        self._reaper.start(1.0, now=False)
+
+    def start(self) -> Deferred[None]:
+        """
+        Start a worker in every slot; fires once all serve, or fails if one
+        fails before the first start is done (a bad C{--app} ends the
+        master instead of restarting workers that never become ready).
+        """
+        starts = [self._fill(slot) for slot in self._slots]
+        done = gatherResults(starts, consumeErrors=True)
+
+        def ready(ignored: object) -> None:
+            self._everReady = True
+
+        def failed(reason: Failure) -> Failure:
+            return reason.value.subFailure if isinstance(reason.value, FirstError) else reason
+
+        return done.addCallbacks(ready, failed)
+
+    def announce(self) -> None:
+        """
+        Log C{Master pid N serving <addresses> with K workers (pids ...)}.
+        """
         log.info(
             "Master pid {pid} serving {addresses} with {count} workers (pids {pids})",
-            pid=self._pid,
+            pid=os.getpid(),
             addresses=", ".join(s.describe() for s in self._sockets),
             count=len(self._slots),
             pids=", ".join(str(p) for p in self.workerPids.values()),
         )
-        sdnotify.notify("READY=1", f"MAINPID={self._pid}")
-        if self.pidFile is not None:
-            try:
-                writePidFile(self.pidFile, self._pid)
-            except OSError as e:
-                log.error("Cannot write pidfile {path!r}: {error}", path=self.pidFile, error=e)
 
     def _spawn(self) -> tuple[Successor, Deferred[int]]:
         worker = Successor(
-            self._reactor, self._sockets, self.readyTimeout, self._command, worker=True
+            self._reactor,
+            self._sockets,
+            self.lifecycle.settings.readyTimeout,
+            self._command,
+            worker=True,
+            ignoreSignals=self.lifecycle.settings.restartSignals,
         )
         self._starting.add(worker)
         started = worker.start()
@@ -175,7 +200,7 @@ class MasterService(Service):
 
         @return: A Deferred that fires once a worker serves in C{slot}.
         """
-        if self._state == "stopping":
+        if self._stopping:
             return succeed(None)
         worker, started = self._spawn()
         filled: Deferred[None] = Deferred()
@@ -184,9 +209,18 @@ class MasterService(Service):
             self._serveIn(slot, worker)
             filled.callback(None)
 
-        def failed(reason: Any) -> None:
-            if self._state == "stopping":
+        def failed(reason: Failure) -> None:
+            if self._stopping:
                 filled.callback(None)
+                return
+            if not self._everReady:
+                log.error(
+                    "Worker for slot {slot} failed before the master was ready: "
+                    "{why}; stopping",
+                    slot=slot.number,
+                    why=reason.getErrorMessage(),
+                )
+                filled.errback(reason)
                 return
             delay = self._nextDelay(slot)
             log.error(
@@ -225,7 +259,7 @@ class MasterService(Service):
             log.info("Worker pid {pid} exited with {status}", pid=worker.pid, status=status)
             return
         slot.worker = None
-        if self._state == "stopping":
+        if self._stopping:
             return
         if self._reactor.seconds() - slot.readyAt >= STABLE_SECONDS:
             slot.respawnDelay = FIRST_RESPAWN_DELAY
@@ -242,27 +276,15 @@ class MasterService(Service):
 
     # Rolling restart
 
-    def _rollOnSignal(self) -> None:
-        self.roll().addErrback(lambda failure: None)
-
     def roll(self) -> Deferred[None]:
         """
-        Replace every worker, one slot at a time.
+        Replace every worker, one slot at a time (the lifecycle calls this
+        for a restart; call L{txgrace.lifecycle.ProcessLifecycle.restart}
+        to have the refusals and bookkeeping too).
 
         @return: A Deferred that fires when the roll is done, or fails with
-            L{RestartRefused} or L{SuccessorFailed} (the old workers go on
-            serving).
+            L{SuccessorFailed} (the old workers go on serving).
         """
-        if self._state != "serving":
-            why = {
-                "starting": "the workers are not all ready yet",
-                "rolling": "a rolling restart is in progress",
-                "stopping": "the master is stopping",
-            }[self._state]
-            log.warn("Restart refused: {why}", why=why)
-            return fail(RestartRefused(why))
-        self._state = "rolling"
-        sdnotify.notify(*sdnotify.reloading())
         log.info("Rolling restart of {count} workers", count=len(self._slots))
         return Deferred.fromCoroutine(self._roll())
 
@@ -272,15 +294,11 @@ class MasterService(Service):
                 worker, started = self._spawn()
                 await started
                 self._serveIn(slot, worker)
-                if self._state == "stopping":
+                if self._stopping:
                     return
         except SuccessorFailed as e:
             log.error("Rolling restart aborted; the old workers go on serving: {why}", why=e)
             raise
-        finally:
-            if self._state == "rolling":
-                self._state = "serving"
-            sdnotify.notify("READY=1")
         log.info(
             "Rolling restart done: workers {pids}",
             pids=", ".join(str(p) for p in self.workerPids.values()),
@@ -288,24 +306,20 @@ class MasterService(Service):
 
     # Stop
 
-    def _stopOnSignal(self) -> None:
-        if self.shutdownDelay > 0:
-            log.info(
-                "Serving {delay}s more before stopping (--shutdown-delay)",
-                delay=self.shutdownDelay,
-            )
-        self._reactor.callLater(max(self.shutdownDelay, 0), self._reactor.stop)
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop as the reactor's shutdown does (both wait for the same stop).
+        """
+        Service.stopService(self)
+        return self.lifecycle.shutdown()
 
-    def stopService(self) -> Deferred[None]:
+    def stop(self, hammerTimeout: float) -> Deferred[None]:
         """
         Stop every worker (each drains within its hammer deadline), then
         close the sockets.  Workers still running after the hammer deadline
         and a few seconds more are killed.
         """
-        Service.stopService(self)
-        self._state = "stopping"
-        self._signals.stopAsked = True
-        sdnotify.notify("STOPPING=1")
+        self._stopping = True
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
         for slot in self._slots:
@@ -313,7 +327,7 @@ class MasterService(Service):
                 slot.respawnCall.cancel()
         for worker in list(self._starting):
             worker.kill("was killed: the master is stopping")
-        workers = [s.worker for s in self._slots if s.worker] + list(self._draining)
+        workers = self._liveWorkers()
         # Close the master's copies first: the last worker to stop listening
         # closes each socket after taking what is queued on it.
         for held in self._sockets:
@@ -322,29 +336,28 @@ class MasterService(Service):
             worker.stop()
         waits = [w.ended for w in workers]
         deadline = None
-        if self.hammerTimeout >= 0:
-            deadline = self._reactor.callLater(
-                self.hammerTimeout + 5, self._killAll, workers
-            )
+        if hammerTimeout >= 0:
+            deadline = self._reactor.callLater(hammerTimeout + 5, self._killAll, workers)
 
         def stopped(_: object) -> None:
             if deadline is not None and deadline.active():
                 deadline.cancel()
             for held in self._sockets:
                 held.close(final=True)
-            if self.pidFile is not None:
-                removePidFile(self.pidFile, self._pid)
-            log.info("Master pid {pid} stopped", pid=self._pid)
+            log.info("Master pid {pid} stopped", pid=os.getpid())
 
         return DeferredList(waits).addCallback(stopped)
+
+    def _liveWorkers(self) -> list[Successor]:
+        return [s.worker for s in self._slots if s.worker] + list(self._draining)
 
     def hammer(self) -> None:
         """
         Have every worker abort its remaining connections now.
         """
-        log.warn("Second stop signal: hammering every worker")
-        for worker in [s.worker for s in self._slots if s.worker] + list(self._draining):
-            worker.signal("TERM")
+        log.warn("Hammering every worker")
+        for worker in self._liveWorkers():
+            worker.hammer()
 
     def _killAll(self, workers: list[Successor]) -> None:
         for worker in workers:

@@ -6,22 +6,27 @@ control channel (a socketpair) on which it reports that it is ready.  A
 successor that exits first, or is not ready in time, is killed and the
 restart fails: the caller goes on serving.
 
+The handshake on the control channel is C{READY} up, then C{GO} down: a
+successor (or worker) accepts no connection before its parent says C{GO}.
+A parent that is stopping, or that gave up on it, kills it instead, so a
+successor never takes a queued connection and then dies with it.  A
+successor whose predecessor is gone (the channel closes) takes over.
+
 A master's worker is a successor whose supervisor stays: it keeps the
 control channel open, drains when the master writes C{STOP}, and drains too
 when the channel closes because the master is gone.
 
 Both ends of the control channel live here: L{Successor} in the parent,
-L{takeControlChannel} and L{reportReady} in the child.
+L{takeControlChannel} and L{ControlChannel} in the child.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
@@ -38,9 +43,37 @@ CONTROL_FD_VARIABLE = "TXGRACE_CONTROL_FD"
 WORKER_VARIABLE = "TXGRACE_WORKER"
 GENERATION_VARIABLE = "TXGRACE_GENERATION"
 READY = b"READY"
+GO = b"GO"
 STOP = b"STOP"
+HAMMER = b"HAMMER"
 
-startDirectory = os.getcwd()
+GO_TIMEOUT = 5.0
+"""
+Seconds a ready successor waits for C{GO} before it accepts anyway: a
+predecessor that does not answer is hung, and serving twice beats serving
+nobody.
+"""
+
+
+def _startDirectory(environ: Any = None) -> str:
+    """
+    The directory this process started in as the user sees it: C{$PWD} when
+    it names the same directory as C{getcwd()}, so that a deploy that swaps a
+    C{current -> releases/N} symlink restarts into the new release.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = os.getcwd()
+    pwd = environ.get("PWD")
+    if pwd and os.path.isabs(pwd) and pwd != cwd:
+        try:
+            if os.path.samefile(pwd, cwd):
+                return str(pwd)
+        except OSError:
+            pass
+    return cwd
+
+
+startDirectory = _startDirectory()
 """
 The working directory this process started in, where a successor starts.
 """
@@ -103,6 +136,12 @@ class Successor:
     @ivar controlFD: Its descriptor for the control channel.
     @ivar ended: Fires with a description of its exit status once it exits,
         ready or not.
+
+    @param environment: Variables to set in its environment.
+    @param output: A descriptor for its stdout and stderr (default: ours).
+    @param ignoreSignals: Signals it starts with ignored (the restart
+        signals: one that reaches it before its handlers are installed must
+        not kill it).
     """
 
     def __init__(
@@ -112,8 +151,16 @@ class Successor:
         readyTimeout: float,
         command: Sequence[str] | None = None,
         worker: bool = False,
+        environment: Mapping[str, str] | None = None,
+        output: int | None = None,
+        ignoreSignals: Sequence[int] = (),
+        directory: str | None = None,
     ) -> None:
         self._reactor = reactor
+        self._extraEnvironment = dict(environment or {})
+        self._output = output
+        self._ignoreSignals = tuple(ignoreSignals)
+        self._directory = startDirectory if directory is None else directory
         self._ports = list(ports)
         self._readyTimeout = readyTimeout
         self._command = list(successorCommand() if command is None else command)
@@ -135,10 +182,16 @@ class Successor:
         @return: A Deferred that fires with its pid once it is ready, or fails
             with L{SuccessorFailed} saying why.
         """
-        childFDs: dict[int, Any] = {0: 0, 1: 1, 2: 2}
+        output = self._output
+        childFDs: dict[int, Any] = {
+            0: 0,
+            1: 1 if output is None else output,
+            2: 2 if output is None else output,
+        }
         for index, port in enumerate(self._ports):
             childFDs[LISTEN_FDS_START + index] = port.fileno()
         environment = listenEnvironment(os.environ, [port.key for port in self._ports])
+        environment.update(self._extraEnvironment)
         environment[CONTROL_FD_VARIABLE] = str(self.controlFD)
         if self._worker:
             environment[WORKER_VARIABLE] = "1"
@@ -147,7 +200,7 @@ class Successor:
         else:
             environment.pop(WORKER_VARIABLE, None)
             environment[GENERATION_VARIABLE] = str(generation() + 1)
-        argv = trampoline(self._command)
+        argv = trampoline(self._command, self._ignoreSignals)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as e:
@@ -160,7 +213,7 @@ class Successor:
                 argv[0],
                 argv,
                 env=environment,
-                path=startDirectory,
+                path=self._directory,
                 childFDs=childFDs,
             )
         except OSError as e:
@@ -207,9 +260,18 @@ class Successor:
         """
         Ask a worker to drain and exit.
         """
+        self._send(STOP)
+
+    def hammer(self) -> None:
+        """
+        Ask a worker to abort its remaining connections now.
+        """
+        self._send(HAMMER)
+
+    def _send(self, line: bytes) -> None:
         control = self._control
         if control is not None and control.transport is not None:
-            control.transport.write(STOP + b"\n")
+            control.transport.write(line + b"\n")
 
     def _tooSlow(self) -> None:
         self._timeout = None
@@ -220,6 +282,12 @@ class Successor:
             return
         self._outcome = "ready"
         self._cancelTimeout()
+        self._send(GO)
+        if not self._worker and self._control is not None:
+            # A successor needs nothing more from us.
+            transport = self._control.transport
+            if transport is not None:
+                transport.loseConnection()
         assert self.pid is not None
         self._result.callback(self.pid)
 
@@ -291,63 +359,58 @@ def takeControlChannel(environ: Any = None) -> tuple[int | None, bool]:
     return fd, worker
 
 
-def reportReady(fd: int) -> None:
+class ControlChannel(LineOnlyReceiver):
     """
-    Tell the predecessor that this successor is ready, and close the
-    channel.
-    """
-    try:
-        os.write(fd, READY + b"\n")
-    except OSError as e:
-        log.error("Cannot report ready to the predecessor: {error}", error=e)
-    finally:
-        os.close(fd)
+    A child's end of its control channel: C{READY} goes up, C{GO} comes
+    down; a worker also gets C{STOP} and C{HAMMER}, and a closed channel
+    means its master is gone.
 
-
-class WorkerControl(LineOnlyReceiver):
-    """
-    A worker's end of its control channel: C{READY} goes up, C{STOP} comes
-    down, and a closed channel means the master is gone.
+    @ivar go: Fires with C{"go"} when the parent says C{GO}, or C{"gone"}
+        when the channel closes first.
     """
 
     delimiter = b"\n"
 
-    def __init__(self, stop: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        stop: Callable[[str], None] | None = None,
+        hammer: Callable[[], None] | None = None,
+    ) -> None:
         self._stop = stop
+        self._hammer = hammer
+        self.go: Deferred[str] = Deferred()
 
-    def ready(self) -> None:
+    def ready(self) -> Deferred[str]:
         """
-        Tell the master this worker is ready.
+        Tell the parent this process is ready.
+
+        @return: L{go}.
         """
         if self.transport is not None:
             self.sendLine(READY)
+        return self.go
 
     def lineReceived(self, line: bytes) -> None:
-        if line == STOP:
+        if line == GO and not self.go.called:
+            self.go.callback("go")
+        elif line == STOP and self._stop is not None:
             self._stop("the master asked this worker to stop")
+        elif line == HAMMER and self._hammer is not None:
+            self._hammer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stop("the master is gone")
+        if not self.go.called:
+            self.go.callback("gone")
+        if self._stop is not None:
+            self._stop("the master is gone")
 
 
-def adoptWorkerControl(reactor: Any, fd: int, stop: Callable[[str], None]) -> WorkerControl:
+def adoptControlChannel(reactor: Any, fd: int, channel: ControlChannel) -> ControlChannel:
     """
-    Listen on a worker's control channel C{fd}; C{stop} is called with the
-    reason when the worker should drain and exit.
+    Speak C{channel} on the control channel descriptor C{fd}, which is
+    closed (the reactor works on a copy).
     """
-    control = WorkerControl(stop)
     os.set_blocking(fd, False)
-    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _OneProtocolFactory(control))
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _OneProtocolFactory(channel))
     os.close(fd)
-    return control
-
-
-def ignoreRestartSignals(signals: Sequence[int]) -> None:
-    """
-    Ignore C{signals} until the service installs its handlers: by default
-    SIGHUP and SIGUSR2 kill a process, and a restart signal that reaches a
-    successor still starting up must not.
-    """
-    for signum in signals:
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_IGN)
+    return channel

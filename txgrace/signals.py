@@ -1,8 +1,8 @@
-# -*- test-case-name: txgrace.test.test_process -*-
+# -*- test-case-name: txgrace.test.test_lifecycle -*-
 """
-The signals of a server process: SIGTERM and SIGINT stop it and a second one
-aborts what is left; the restart signals (SIGHUP and SIGUSR2 by default)
-restart it.
+The signals of a server process, handed to its lifecycle on the reactor
+thread: SIGTERM and SIGINT stop it, the restart signals (SIGHUP and SIGUSR2
+by default) restart it.
 """
 
 from __future__ import annotations
@@ -10,36 +10,30 @@ from __future__ import annotations
 import signal
 from typing import Any, Callable, Sequence
 
-from twisted.logger import Logger
-
-log = Logger()
-
 
 class SignalHandlers:
     """
-    Dispatches signals to a service, on the reactor thread.
+    Dispatches signals to callables, on the reactor thread.
 
     Install it from C{reactor.callWhenRunning}: the reactor installs its own
     handlers when it starts, over any installed before.
 
-    @ivar stopAsked: Whether a stop was asked for, by a signal or otherwise
-        (set it then): the next stop signal calls C{hammer}.
+    @param restart: Called with the signal number of a restart signal, or
+        L{None} to ignore the restart signals (a master's worker is
+        restarted by its master).
     """
 
     def __init__(
         self,
         reactor: Any,
-        stop: Callable[[], None],
-        hammer: Callable[[], None],
-        restart: Callable[[], None] | None,
+        stop: Callable[[int], None],
+        restart: Callable[[int], None] | None,
         restartSignals: Sequence[int],
     ) -> None:
         self._reactor = reactor
         self._stop = stop
-        self._hammer = hammer
         self._restart = restart
         self._restartSignals = tuple(restartSignals)
-        self.stopAsked = False
 
     def install(self) -> None:
         """
@@ -50,21 +44,36 @@ class SignalHandlers:
             if signal.getsignal(stopSignal) != signal.SIG_IGN:
                 signal.signal(stopSignal, self._onStop)
         for restartSignal in self._restartSignals:
-            signal.signal(restartSignal, self._onRestart)
+            if self._restart is None:
+                signal.signal(restartSignal, signal.SIG_IGN)
+            else:
+                signal.signal(restartSignal, self._onRestart)
 
     def _onStop(self, signum: int, frame: Any) -> None:
         # Runs between bytecodes: hand the work to the reactor thread.
-        if self.stopAsked:
-            self._reactor.callFromThread(self._hammer)
-        else:
-            self.stopAsked = True
-            self._reactor.callFromThread(self._stop)
+        self._reactor.callFromThread(self._stop, signum)
 
     def _onRestart(self, signum: int, frame: Any) -> None:
-        if self._restart is not None:
-            self._reactor.callFromThread(self._restartOn, signum)
-
-    def _restartOn(self, signum: int) -> None:
         assert self._restart is not None
-        log.info("Received {signal}: restarting", signal=signal.Signals(signum).name)
-        self._restart()
+        self._reactor.callFromThread(self._restart, signum)
+
+
+def signalName(signum: int) -> str:
+    """
+    C{SIGHUP} for 1, and so on.
+    """
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def ignoreRestartSignals(signals: Sequence[int]) -> None:
+    """
+    Ignore C{signals} until the lifecycle installs its handlers: by default
+    SIGHUP and SIGUSR2 kill a process, and a restart signal that reaches a
+    successor still starting up must not.
+    """
+    for signum in signals:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_IGN)

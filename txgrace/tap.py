@@ -1,4 +1,4 @@
-# -*- test-case-name: txgrace.test.test_tap -*-
+# -*- test-case-name: txgrace.test.test_units -*-
 """
 C{twist txgrace}: serve an application on C{grace:} endpoints with no code.
 
@@ -10,25 +10,36 @@ and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import atexit
-import gc
 import importlib
-import signal
-import sys
 import os
-from typing import Any, Callable
+import sys
+import traceback
+from typing import Any, Callable, Sequence
 
+from twisted.application.service import Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from twisted.application.service import Service
-
+from txgrace.lifecycle import HAMMERED_EXIT_STATUS, exitProcess, lifecycleFor
 from txgrace.master import MasterService
-from txgrace.pidfile import checkPidFileLocation
 from txgrace.restart import WORKER_VARIABLE
-from txgrace.service import DEFAULT_RESTART_SIGNALS, GraceService
+from txgrace.service import GraceService
+from txgrace.settings import (
+    SettingError,
+    parsePidFile,
+    parseSeconds,
+    parseSignal,
+)
+
+__all__ = ["HAMMERED_EXIT_STATUS", "Options", "loadApp", "makeService"]
+
+USAGE_EXIT_STATUS = 64
+"""
+The exit status for a command-line error (C{EX_USAGE}, as twist uses).
+"""
 
 
 class AppError(ValueError):
@@ -37,52 +48,105 @@ class AppError(ValueError):
     """
 
 
+def _isKlein(obj: Any) -> bool:
+    klein = sys.modules.get("klein")
+    kleinClass = getattr(klein, "Klein", None)
+    return kleinClass is not None and isinstance(obj, kleinClass)
+
+
 def _asFactory(obj: Any) -> IProtocolFactory | None:
     if isinstance(obj, Site) or IProtocolFactory.providedBy(obj):
         return obj  # type: ignore[no-any-return]
     if IResource.providedBy(obj):
         return Site(obj)
+    if _isKlein(obj):
+        return Site(obj.resource())
     return None
+
+
+def _where(error: BaseException) -> str:
+    """
+    Where C{error} was raised: the last frame of its traceback, as
+    C{" (at file:line)"}.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})"
+
+
+def _importLongest(spec: str, names: Sequence[str]) -> tuple[Any, str, list[str]]:
+    """
+    Import the longest module that C{names} starts with.
+
+    @return: The module, its name, and the names after it.
+    @raise AppError: If none imports, or importing one raises.
+    """
+    for count in range(len(names), 0, -1):
+        moduleName = ".".join(names[:count])
+        try:
+            return importlib.import_module(moduleName), moduleName, list(names[count:])
+        except ModuleNotFoundError as e:
+            missing = e.name or ""
+            if moduleName == missing or moduleName.startswith(missing + "."):
+                if count > 1:
+                    continue  # Perhaps an attribute: try a shorter module.
+                raise AppError(f"--app {spec!r}: no module named {missing!r}") from None
+            raise AppError(
+                f"--app {spec!r}: importing {moduleName!r} failed: {e}{_where(e)}"
+            ) from None
+        except Exception as e:
+            raise AppError(
+                f"--app {spec!r}: importing {moduleName!r} raised "
+                f"{type(e).__name__}: {e}{_where(e)}"
+            ) from None
+    raise AppError(f"--app {spec!r}: expected pkg.module.attribute")
 
 
 def loadApp(spec: str) -> IProtocolFactory:
     """
-    Load the application named by C{spec}: C{pkg.mod.attr} or
-    C{pkg.mod:attr}, naming a L{Site}, an L{IResource} (served by a
-    L{Site}), an L{IProtocolFactory}, or a callable with no arguments that
-    returns one of these.  The working directory is importable, as it is
-    for C{python -m}.
+    Load the application named by C{spec}: C{pkg.mod:attr.path}, or
+    C{pkg.mod.attr.path} (the longest importable module, then attributes,
+    as in C{mod.app.resource}), naming a L{Site}, an L{IResource} (served
+    by a L{Site}), a Klein app (served through its C{resource()}), an
+    L{IProtocolFactory}, or a callable with no arguments that returns one
+    of these.  The working directory is importable, as it is for
+    C{python -m}.
 
     @raise AppError: With one line naming C{spec} and what is wrong.
     """
-    if ":" in spec:
-        moduleName, _, attribute = spec.partition(":")
-    else:
-        moduleName, _, attribute = spec.rpartition(".")
-    if not moduleName or not attribute:
+    moduleText, colon, attributeText = spec.partition(":")
+    names = moduleText.split(".")
+    attributes = attributeText.split(".") if colon else []
+    if not all(names) or not all(attributes) or (not colon and len(names) < 2):
         raise AppError(
             f"--app {spec!r}: expected pkg.module.attribute or pkg.module:attribute"
         )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(moduleName)
-    except ModuleNotFoundError as e:
-        if e.name and moduleName.startswith(e.name):
-            raise AppError(f"--app {spec!r}: no module named {e.name!r}") from None
-        raise AppError(f"--app {spec!r}: importing {moduleName!r} failed: {e}") from None
-    except Exception as e:
-        raise AppError(
-            f"--app {spec!r}: importing {moduleName!r} raised "
-            f"{type(e).__name__}: {e}"
-        ) from None
+    if colon:
+        module, moduleName, rest = _importLongest(spec, names)
+        if rest:
+            raise AppError(f"--app {spec!r}: no module named {moduleText!r}")
+    else:
+        module, moduleName, attributes = _importLongest(spec, names)
+        if not attributes:
+            raise AppError(
+                f"--app {spec!r}: names a module; add what to serve, as in "
+                f"{moduleName}.site"
+            )
     obj: Any = module
-    for part in attribute.split("."):
+    for index, part in enumerate(attributes):
         try:
             obj = getattr(obj, part)
         except AttributeError:
+            path = ".".join(attributes[: index + 1])
+            missingModule = ""
+            if not colon and index == 0:
+                missingModule = f"no module named {moduleName + '.' + part!r}, and "
             raise AppError(
-                f"--app {spec!r}: module {moduleName!r} has no attribute {attribute!r}"
+                f"--app {spec!r}: {missingModule}module {moduleName!r} has no "
+                f"attribute {path!r}"
             ) from None
     factory = _asFactory(obj)
     if factory is None and callable(obj):
@@ -90,36 +154,16 @@ def loadApp(spec: str) -> IProtocolFactory:
             made = obj()
         except Exception as e:
             raise AppError(
-                f"--app {spec!r}: calling it raised {type(e).__name__}: {e}"
+                f"--app {spec!r}: calling it raised {type(e).__name__}: {e}{_where(e)}"
             ) from None
         factory = _asFactory(made)
         obj = made
     if factory is None:
         raise AppError(
             f"--app {spec!r}: {type(obj).__name__} is not a Site, an IResource, "
-            "an IProtocolFactory, or a callable returning one"
+            "a Klein app, an IProtocolFactory, or a callable returning one"
         )
     return factory
-
-
-def _parseSignal(name: str) -> int:
-    upper = name.upper()
-    if not upper.startswith("SIG"):
-        upper = "SIG" + upper
-    try:
-        return int(signal.Signals[upper])
-    except KeyError:
-        raise usage.UsageError(f"--restart-signal {name!r}: no such signal") from None
-
-
-def _parseSeconds(option: str, value: str, allowNegative: bool) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise usage.UsageError(f"{option} {value!r}: not a number of seconds") from None
-    if seconds != seconds or (seconds < 0 and not allowNegative):
-        raise usage.UsageError(f"{option} {value!r}: must be 0 or more seconds")
-    return seconds
 
 
 class Options(usage.Options):
@@ -135,7 +179,9 @@ class Options(usage.Options):
         "left after --hammer-timeout (a second signal aborts at once).  SIGHUP "
         "or SIGUSR2 restarts with zero downtime: a successor is started with "
         "the same command and the same sockets, and this process drains and "
-        "exits once the successor is ready."
+        "exits once the successor is ready.  Unset options come from "
+        "TXGRACE_HAMMER_TIMEOUT, TXGRACE_READY_TIMEOUT, TXGRACE_PIDFILE, "
+        "TXGRACE_RESTART_SIGNALS and TXGRACE_SHUTDOWN_DELAY."
     )
 
     optParameters = [
@@ -144,21 +190,22 @@ class Options(usage.Options):
             "a",
             None,
             "What to serve: pkg.module.attribute or pkg.module:attribute naming "
-            "a Site, an IResource, an IProtocolFactory, or a callable returning one.",
+            "a Site, an IResource, a Klein app, an IProtocolFactory, or a "
+            "callable returning one.",
         ],
         [
             "hammer-timeout",
             None,
-            "60",
+            None,
             "Seconds a drain may take before the remaining connections are "
-            "aborted; 0 aborts at once, a negative value never.",
+            "aborted; 0 aborts at once, a negative value never (default 60).",
         ],
         [
             "ready-timeout",
             None,
-            "60",
+            None,
             "Seconds a successor has to become ready before it is killed and "
-            "this process goes on serving.",
+            "this process goes on serving (default 60).",
         ],
         [
             "workers",
@@ -170,9 +217,10 @@ class Options(usage.Options):
         [
             "shutdown-delay",
             None,
-            "0",
+            None,
             "Seconds to go on serving after SIGTERM before draining, for load "
-            "balancers that stop routing only when they send SIGTERM (Kubernetes).",
+            "balancers that stop routing only when they send SIGTERM "
+            "(Kubernetes; default 0).",
         ],
         [
             "pidfile",
@@ -187,6 +235,40 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["endpoints"] = []
         self["restart-signals"] = []
+
+    def getSynopsis(self) -> str:
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twist"
+        if program in ("__main__.py", "-m", "-c", ""):
+            program = "python -m twisted"
+        return f"Usage: {program} [twist options] txgrace [options] {self.synopsis}"
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse the options; a mistake ends the program with one line and a
+        hint, not the whole usage.
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise  # Not under twist: the caller reports it.
+            sys.stderr.write(
+                f"twist txgrace: error: {e}\n"
+                "(see 'twist txgrace --help' for the options)\n"
+            )
+            sys.stderr.flush()
+            raise SystemExit(USAGE_EXIT_STATUS) from None
+
+    def opt_version(self) -> None:
+        """
+        Print txgrace's version and Twisted's, and exit.
+        """
+        from twisted import __version__ as twistedVersion
+
+        from txgrace._version import __version__
+
+        print(f"txgrace {__version__} (Twisted {twistedVersion})")
+        sys.exit(0)
 
     def opt_endpoint(self, description: str) -> None:
         """
@@ -214,22 +296,30 @@ class Options(usage.Options):
         """
         A signal that starts a restart (repeatable; default HUP and USR2).
         """
-        self["restart-signals"].append(_parseSignal(name))
+        try:
+            self["restart-signals"].append(parseSignal("--restart-signal", name))
+        except SettingError as e:
+            raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
         if not self["endpoints"]:
             raise usage.UsageError("at least one --endpoint is required")
         if not self["app"]:
             raise usage.UsageError("--app is required")
-        self["hammer-timeout"] = _parseSeconds(
-            "--hammer-timeout", self["hammer-timeout"], allowNegative=True
-        )
-        self["ready-timeout"] = _parseSeconds(
-            "--ready-timeout", self["ready-timeout"], allowNegative=False
-        )
-        self["shutdown-delay"] = _parseSeconds(
-            "--shutdown-delay", self["shutdown-delay"], allowNegative=False
-        )
+        try:
+            for option, allowNegative in (
+                ("hammer-timeout", True),
+                ("ready-timeout", False),
+                ("shutdown-delay", False),
+            ):
+                if self[option] is not None:
+                    self[option] = parseSeconds(
+                        f"--{option}", self[option], allowNegative
+                    )
+            if self["pidfile"] is not None:
+                self["pidfile"] = parsePidFile("--pidfile", self["pidfile"])
+        except SettingError as e:
+            raise usage.UsageError(str(e)) from None
         if self["workers"] is not None:
             try:
                 self["workers"] = int(self["workers"])
@@ -239,13 +329,36 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--workers {self['workers']!r}: must be a whole number of 1 or more"
                 ) from None
-        if not self["restart-signals"]:
-            self["restart-signals"] = list(DEFAULT_RESTART_SIGNALS)
-        if self["pidfile"] is not None:
-            try:
-                checkPidFileLocation(self["pidfile"])
-            except ValueError as e:
-                raise usage.UsageError(f"--pidfile: {e}") from None
+
+    def settings(self) -> dict[str, Any]:
+        """
+        The lifecycle settings given on the command line.
+        """
+        given = {
+            "hammerTimeout": self["hammer-timeout"],
+            "readyTimeout": self["ready-timeout"],
+            "pidFile": self["pidfile"],
+            "restartSignals": self["restart-signals"] or None,
+            "shutdownDelay": self["shutdown-delay"],
+        }
+        return {key: value for key, value in given.items() if value is not None}
+
+
+def _flushBufferedLog() -> None:
+    """
+    twist buffers log events until its logging starts, after the service
+    starts: a start that fails would lose them, and they often say why
+    (such as which inherited socket was not adopted).  Write them to
+    stderr, which a successor shares with its predecessor.
+    """
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    try:
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
+    except Exception:
+        pass
 
 
 def _startOrExit(start: Callable[[], None]) -> None:
@@ -256,56 +369,36 @@ def _startOrExit(start: Callable[[], None]) -> None:
     try:
         start()
     except (CannotListenError, ValueError) as e:
+        _flushBufferedLog()
         raise SystemExit(f"twist txgrace: error: {e}") from None
-
-
-HAMMERED_EXIT_STATUS = 1
-"""
-The exit status of C{twist txgrace} after a drain that had to abort
-connections, so that a supervisor can tell it from a clean stop (status 0).
-"""
 
 
 class _ExitStatus:
     """
     twist has no way to set its exit status: this exit handler, registered
     before the application is imported so that it runs after every handler
-    the application registers, ends the process with
-    L{HAMMERED_EXIT_STATUS} after a hammer.
+    the application registers, ends the process with the lifecycle's exit
+    status when it is not 0 (after a hammer, or a start that never became
+    ready), after flushing open files.
     """
 
-    hammered = False
-
     def __call__(self) -> None:
-        if self.hammered:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(HAMMERED_EXIT_STATUS)
-
-
-_exitStatus = _ExitStatus()
+        status = lifecycleFor().exitStatus
+        if status:
+            exitProcess(status)
 
 
 class _CommandLineService(GraceService):
     """
     The service of C{twist txgrace}: a port that cannot be had ends the
-    program with one line, and a drain that ended in a hammer ends it with
-    L{HAMMERED_EXIT_STATUS}.
+    program with one line.
     """
+
+    def privilegedStartService(self) -> None:
+        _startOrExit(lambda: GraceService.privilegedStartService(self))
 
     def startService(self) -> None:
         _startOrExit(lambda: GraceService.startService(self))
-
-    def stopService(self) -> Any:
-        def drained(result: object) -> object:
-            if self.lastDrain is not None and self.lastDrain.aborted:
-                _exitStatus.hammered = True
-            # The process is about to exit: spare the interpreter's final
-            # collection of every object (100-800 ms measured after a drain).
-            gc.freeze()
-            return result
-
-        return GraceService.stopService(self).addBoth(drained)
 
 
 class _CommandLineMaster(MasterService):
@@ -326,23 +419,20 @@ def makeService(options: Options) -> Service:
     """
     from twisted.internet import reactor
 
-    atexit.register(_exitStatus)
-    common = dict(
-        hammerTimeout=options["hammer-timeout"],
-        readyTimeout=options["ready-timeout"],
-        pidFile=options["pidfile"],
-        restartSignals=options["restart-signals"],
-        shutdownDelay=options["shutdown-delay"],
-        reactor=reactor,
-    )
+    atexit.register(_ExitStatus())
+    settings = options.settings()
+    try:
+        lifecycleFor(reactor=reactor).configure(**settings)
+    except SettingError as e:
+        raise SystemExit(f"twist txgrace: error: {e}") from None
     if options["workers"] is not None and os.environ.get(WORKER_VARIABLE) != "1":
-        return _CommandLineMaster(options["endpoints"], options["workers"], **common)
+        return _CommandLineMaster(options["endpoints"], options["workers"], reactor=reactor)
 
     try:
         factory = loadApp(options["app"])
     except AppError as e:
         raise SystemExit(f"twist txgrace: error: {e}") from None
-    service = _CommandLineService(**common)
+    service = _CommandLineService(reactor=reactor)
     for description in options["endpoints"]:
         service.listen(description, factory)
     return service

@@ -212,7 +212,9 @@ class ServerProcess:
         return [
             Serving(e["pid"], e["generation"], _parseAddresses(e["addresses"]))
             for e in events
-            if e.get("log_namespace") == "txgrace.service" and "addresses" in e
+            if str(e.get("log_namespace", "")).startswith("txgrace.")
+            and "addresses" in e
+            and "generation" in e
         ]
 
     def waitServing(self, generation: int = 1, timeout: float = 30.0) -> Serving:
@@ -220,7 +222,7 @@ class ServerProcess:
         Wait until generation C{generation} is ready.
         """
         event = self.waitFor(
-            lambda e: e.get("log_namespace") == "txgrace.service"
+            lambda e: str(e.get("log_namespace", "")).startswith("txgrace.")
             and e.get("generation") == generation
             and "addresses" in e,
             timeout,

@@ -13,7 +13,7 @@ If the file named by C{$TXGRACE_TEST_FAULT} exists when the module is
 imported, its content makes this process misbehave: C{crash} raises at
 import, C{hang} never becomes ready, C{exit-after-bind} exits with status 3
 once its ports listen but before it is ready, C{exit-after-ready} exits
-with status 4 just after it is ready.  Tests write it to make a successor
+with status 4 just after it is ready, C{slow-start} takes 1.5 s to import.  Tests write it to make a successor
 fail.
 """
 
@@ -48,6 +48,11 @@ if _FAULT == "hang":
 if _FAULT == "exit-after-bind":
     holdReadiness(Deferred())
     reactor.callWhenRunning(reactor.callLater, 0.2, os._exit, 3)
+if _FAULT == "slow-start":
+    # Still starting for a while: a signal meanwhile must not kill it.
+    import time
+
+    time.sleep(1.5)
 if _FAULT == "exit-after-ready":
     reactor.callWhenRunning(reactor.callLater, 0.3, os._exit, 4)
 
@@ -117,3 +122,27 @@ root.putChild(b"forever", Forever())
 root.putChild(b"spawn", Spawn())
 root.putChild(b"orphan", Orphan())
 site = Site(root)
+
+
+class AppRoot(Root):
+    """
+    The same resources as L{root}, made by a zero-argument call, for
+    C{twist web --class txgrace.test._apps.AppRoot}.
+    """
+
+    def __init__(self):
+        Root.__init__(self)
+        self.putChild(b"sleep", Sleep())
+        self.putChild(b"forever", Forever())
+
+
+def jsonStdoutObserver():
+    """
+    A log observer that writes JSON events to stdout, for
+    C{twistd --logger txgrace.test._apps.jsonStdoutObserver}.
+    """
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout, "")

@@ -431,9 +431,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["app"], "x.y")
         self.assertEqual(options["hammer-timeout"], 0.0)
         self.assertIsInstance(options["hammer-timeout"], float)
-        self.assertEqual(options["ready-timeout"], 60.0)
-        self.assertEqual(options["restart-signals"], [signal.SIGHUP, signal.SIGUSR2])
+        # Options not given are left to the environment and the defaults.
+        self.assertIsNone(options["ready-timeout"])
+        self.assertEqual(options["restart-signals"], [])
         self.assertIsNone(options["pidfile"])
+        self.assertEqual(options.settings(), {"hammerTimeout": 0.0})
 
     def test_repeatedEndpoints(self) -> None:
         """

@@ -1,0 +1,579 @@
+"""
+The process lifecycle as a state machine (L{txgrace.lifecycle}), transition
+by transition, on L{MemoryReactorClock} with no process: readiness, restart,
+handover, rollback, stop, hammer, signals, settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from txgrace import lifecycle as lifecycleModule
+from txgrace.adopt import SocketRegistry
+from txgrace.drain import DrainResult
+from txgrace.lifecycle import (
+    HANDED_OVER,
+    RESTARTING,
+    SERVING,
+    STARTING,
+    STOPPING,
+    ProcessLifecycle,
+    RestartRefused,
+)
+from txgrace.pidfile import readRestartStatus
+from txgrace.restart import ControlChannel, Successor, SuccessorFailed
+from txgrace.settings import SettingError, resolve
+from txgrace.test.test_units import temporaryDirectory
+
+
+class FakePort:
+    """
+    A listening port that records what the lifecycle does to it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.backlogAccepted = 0
+        self.stopped = 0
+        self.factory = None
+
+    def describe(self) -> str:
+        return f"tcp:127.0.0.1:{self.key}"
+
+    def acceptBacklog(self) -> None:
+        self.backlogAccepted += 1
+
+    def stopListening(self) -> Deferred[None]:
+        self.stopped += 1
+        return succeed(None)
+
+    def fileno(self) -> int:
+        return -1
+
+
+class FakeSuccessor:
+    """
+    Stands in for L{Successor}: the test decides when it is ready or fails.
+    """
+
+    made: list[FakeSuccessor]
+
+    def __init__(self, reactor: Any, ports: list[Any], readyTimeout: float, **kw: Any):
+        self.ports = ports
+        self.readyTimeout = readyTimeout
+        self.options = kw
+        self.pid = 4000 + len(FakeSuccessor.made)
+        self.result: Deferred[int] = Deferred()
+        self.killed: str | None = None
+        FakeSuccessor.made.append(self)
+
+    def start(self) -> Deferred[int]:
+        return self.result
+
+    def kill(self, why: str) -> None:
+        if self.result.called:
+            return
+        self.killed = why
+        self.result.errback(SuccessorFailed(f"successor pid {self.pid} {why}"))
+
+
+class MemoryReactorWithProcesses(MemoryReactorClock):
+    """
+    A memory reactor whose spawned processes never do anything.
+    """
+
+    def __init__(self) -> None:
+        MemoryReactorClock.__init__(self)
+        self.spawned: list[Any] = []
+        self.signalled: list[str] = []
+
+    def run(self) -> None:
+        """
+        Run the start hooks, and go on "running" (L{MemoryReactorClock.run}
+        stops at once).
+        """
+        self.running = True
+        self.hasRun = True
+        for f, args, kwargs in self.whenRunningHooks:
+            f(*args, **kwargs)
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, **kw: Any) -> Any:
+        reactor = self
+
+        class Process:
+            pid = 5150
+
+            def signalProcess(self, name: str) -> None:
+                reactor.signalled.append(name)
+
+        self.spawned.append((executable, args, kw))
+        return Process()
+
+
+def shutDown(reactor: MemoryReactorClock) -> list[Deferred[Any]]:
+    """
+    Run the reactor's before-shutdown triggers, as C{reactor.stop()} would.
+    """
+    return [
+        f(*a, **kw) for f, a, kw in reactor.triggers.get("before", {}).get("shutdown", [])
+    ]
+
+
+class LifecycleTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        FakeSuccessor.made = []
+        self.reactor = MemoryReactorWithProcesses()
+        self.registry = SocketRegistry(inherit=lambda: [])
+        self.port = FakePort("8080")
+        self.registry.ports["tcp/*/8080"] = self.port
+        self.notified: list[tuple[str, ...]] = []
+        self.patch(lifecycleModule.sdnotify, "notify", self._notify)
+        self.drains: list[Any] = []
+        self.patch(lifecycleModule, "drainConnections", self._drainConnections)
+        self.pidFile = os.path.join(temporaryDirectory(self), "app.pid")
+
+    def _notify(self, *assignments: str) -> bool:
+        self.notified.append(assignments)
+        return True
+
+    def _drainConnections(self, clock: Any, registry: Any, hammerTimeout: Any) -> Any:
+        drain = FakeDrain()
+        self.drains.append((drain, hammerTimeout))
+        return drain, drain.done
+
+    def makeLifecycle(self, environ: dict[str, str] | None = None, **settings: Any) -> ProcessLifecycle:
+        lifecycle = ProcessLifecycle(
+            self.reactor,
+            self.registry,
+            spawn=FakeSuccessor,
+            environ={} if environ is None else environ,
+            host=lambda: None,
+        )
+        lifecycle.installSignalHandlers = False
+        lifecycle.configure(pidFile=self.pidFile, **settings)
+        return lifecycle
+
+    def serving(self, **settings: Any) -> ProcessLifecycle:
+        lifecycle = self.makeLifecycle(**settings)
+        lifecycle.install()
+        self.reactor.run()
+        self.assertEqual(lifecycle.state, SERVING)
+        self.notified.clear()
+        return lifecycle
+
+    def readPidFile(self) -> int:
+        with open(self.pidFile) as f:
+            return int(f.read())
+
+
+class FakeDrain:
+    def __init__(self) -> None:
+        self.done: Deferred[DrainResult] = Deferred()
+        self.hammered = 0
+
+    def hammer(self) -> None:
+        self.hammered += 1
+
+    def finish(self, aborted: int = 0) -> None:
+        self.done.callback(DrainResult(1, aborted, 0.5))
+
+
+class StartTests(LifecycleTestCase):
+    def test_installOnce(self) -> None:
+        """
+        Installing twice registers one shutdown trigger and one start hook.
+        """
+        lifecycle = self.makeLifecycle()
+        lifecycle.install()
+        lifecycle.install()
+        self.assertEqual(len(self.reactor.triggers["before"]["shutdown"]), 1)
+        self.assertEqual(len(self.reactor.whenRunningHooks), 1)
+
+    def test_notAcceptingUntilReady(self) -> None:
+        """
+        Ports accept nothing until the reactor runs and every hold has fired;
+        then the process serves, tells systemd, and writes its pidfile.
+        """
+        lifecycle = self.makeLifecycle()
+        hold: Deferred[None] = Deferred()
+        lifecycle.install()
+        lifecycle.holdReadiness(hold)
+        self.assertFalse(self.registry.accepting)
+        self.reactor.run()
+        self.assertEqual(lifecycle.state, STARTING)
+        self.assertFalse(self.registry.accepting)
+        hold.callback(None)
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.assertEqual(self.notified, [("READY=1", f"MAINPID={os.getpid()}")])
+        self.assertEqual(self.readPidFile(), os.getpid())
+
+    def test_failedHoldStops(self) -> None:
+        """
+        A hold that fails stops the process with status 1; it never serves.
+        """
+        lifecycle = self.makeLifecycle()
+        lifecycle.install()
+        lifecycle.holdReadiness(fail(RuntimeError("cache warm-up failed")))
+        self.reactor.run()
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertEqual(lifecycle.state, STARTING)
+        self.assertEqual(lifecycle.exitStatus, 1)
+        self.assertFalse(self.registry.accepting)
+        self.assertEqual(self.notified, [])
+        self.assertFalse(os.path.exists(self.pidFile))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_listenFailureStops(self) -> None:
+        """
+        A listen that fails after it started (its Deferred fails later)
+        stops the process instead of letting it become ready without the
+        port; the listen's own caller still sees the failure.
+        """
+        lifecycle = self.makeLifecycle()
+        lifecycle.install()
+        listened: Deferred[Any] = Deferred()
+        seen: list[Failure] = []
+        lifecycle.listening(listened).addErrback(seen.append)
+        self.reactor.run()
+        self.assertEqual(lifecycle.state, STARTING)
+        listened.errback(RuntimeError("address in use"))
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertEqual(len(seen), 1)
+        seen[0].trap(RuntimeError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_neverServedStopLeavesTheSockets(self) -> None:
+        """
+        A process that stops before it served (a successor whose hold
+        failed) takes nothing queued, and says nothing to systemd.
+        """
+        lifecycle = self.makeLifecycle()
+        lifecycle.install()
+        lifecycle.holdReadiness(Deferred())
+        self.reactor.run()
+        shutDown(self.reactor)
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertEqual(self.port.backlogAccepted, 0)
+        self.assertEqual(self.port.stopped, 1)
+        self.assertEqual(self.notified, [])
+
+
+class RestartTests(LifecycleTestCase):
+    def test_refusedWhileStarting(self) -> None:
+        """
+        A restart before the process is ready is refused.
+        """
+        lifecycle = self.makeLifecycle()
+        lifecycle.install()
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertEqual(failure.getErrorMessage(), "this process is not ready yet")
+        self.assertEqual(FakeSuccessor.made, [])
+        status = readRestartStatus(self.pidFile)
+        assert status is not None
+        self.assertEqual(status["outcome"], "refused")
+
+    def test_handOver(self) -> None:
+        """
+        A restart spawns a successor with the ports, the ready timeout and
+        the restart signals ignored; once it is ready this process tells
+        systemd and the pidfile, and stops the reactor (which drains).
+        """
+        lifecycle = self.serving(readyTimeout=7)
+        result = lifecycle.restart()
+        self.assertEqual(lifecycle.state, RESTARTING)
+        self.assertEqual(self.notified[0][0], "RELOADING=1")
+        [successor] = FakeSuccessor.made
+        self.assertEqual(successor.ports, [self.port])
+        self.assertEqual(successor.readyTimeout, 7.0)
+        self.assertEqual(
+            successor.options["ignoreSignals"], (signal.SIGHUP, signal.SIGUSR2)
+        )
+        self.assertEqual(
+            successor.options["environment"], {"TXGRACE_PIDFILE": self.pidFile}
+        )
+        successor.result.callback(successor.pid)
+        self.assertEqual(self.successResultOf(result), successor.pid)
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+        self.assertTrue(self.registry.handingOver)
+        self.assertEqual(self.notified[-1], (f"MAINPID={successor.pid}", "READY=1"))
+        self.assertEqual(self.readPidFile(), successor.pid)
+        self.assertFalse(self.reactor.hasStopped)
+        self.reactor.advance(0)
+        self.assertTrue(self.reactor.hasStopped)
+        status = readRestartStatus(self.pidFile)
+        assert status is not None
+        self.assertEqual((status["outcome"], status["successor"]), ("ready", successor.pid))
+
+    def test_secondRestartRefused(self) -> None:
+        """
+        A restart while a successor starts is refused, and so is one after
+        the handover.
+        """
+        lifecycle = self.serving()
+        lifecycle.restart()
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertIn("is still starting", failure.getErrorMessage())
+        FakeSuccessor.made[0].result.callback(4000)
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertEqual(
+            failure.getErrorMessage(), "this process has handed over and is draining"
+        )
+        self.assertEqual(len(FakeSuccessor.made), 1)
+
+    def test_failedRestartGoesOnServing(self) -> None:
+        """
+        A successor that fails leaves this process serving; systemd hears
+        READY=1 with the reason, and a later restart works.
+        """
+        lifecycle = self.serving()
+        result = lifecycle.restart()
+        FakeSuccessor.made[0].kill("exited with status 1 before it was ready")
+        self.failureResultOf(result, SuccessorFailed)
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertEqual(self.notified[-1][0], "READY=1")
+        self.assertIn("exited with status 1", self.notified[-1][1])
+        self.assertEqual(self.readPidFile(), os.getpid())
+        status = readRestartStatus(self.pidFile)
+        assert status is not None
+        self.assertEqual(status["outcome"], "failed")
+        lifecycle.restart()
+        self.assertEqual(len(FakeSuccessor.made), 2)
+        self.assertEqual(lifecycle.state, RESTARTING)
+
+    def test_successorNeverAnswers(self) -> None:
+        """
+        A real L{Successor} that never reports ready is killed at the ready
+        timeout, and the process goes on serving.
+        """
+        lifecycle = ProcessLifecycle(
+            self.reactor, self.registry, environ={}, host=lambda: None
+        )
+        lifecycle.installSignalHandlers = False
+        lifecycle.configure(readyTimeout=3)
+        lifecycle.install()
+        self.reactor.run()
+        result = lifecycle.restart()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(2.9)
+        self.assertNoResult(result)
+        self.reactor.advance(0.2)
+        failure = self.failureResultOf(result, SuccessorFailed)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "successor pid 5150 was not ready within 3s and was killed",
+        )
+        self.assertEqual(self.reactor.signalled, ["KILL"])
+        self.assertEqual(lifecycle.state, SERVING)
+
+
+class StopTests(LifecycleTestCase):
+    def test_finalStop(self) -> None:
+        """
+        A final stop accepts the queued connections, stops listening,
+        drains, says STOPPING=1 and removes the pidfile once drained.
+        """
+        lifecycle = self.serving(hammerTimeout=9)
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertEqual((self.port.backlogAccepted, self.port.stopped), (1, 1))
+        self.assertEqual(self.notified, [("STOPPING=1",)])
+        [(drain, hammerTimeout)] = self.drains
+        self.assertEqual(hammerTimeout, 9.0)
+        self.assertNoResult(stopped)
+        self.assertTrue(os.path.exists(self.pidFile))
+        drain.finish()
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(self.pidFile))
+        self.assertEqual(lifecycle.exitStatus, 0)
+
+    def test_twoStops(self) -> None:
+        """
+        A second stop (the service's stopService after the reactor's
+        trigger) waits for the same drain; the drain runs once.
+        """
+        lifecycle = self.serving()
+        [first] = shutDown(self.reactor)
+        second = lifecycle.shutdown()
+        self.assertEqual(len(self.drains), 1)
+        self.assertEqual(self.port.backlogAccepted, 1)
+        self.drains[0][0].finish()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(lifecycle.shutdown())
+
+    def test_handedOverStop(self) -> None:
+        """
+        After a handover the stop leaves the queue, the pidfile and systemd
+        to the successor.
+        """
+        lifecycle = self.serving()
+        lifecycle.restart()
+        FakeSuccessor.made[0].result.callback(4000)
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+        self.assertEqual((self.port.backlogAccepted, self.port.stopped), (0, 1))
+        self.drains[0][0].finish()
+        self.successResultOf(stopped)
+        self.assertEqual(self.readPidFile(), 4000)
+        self.assertNotIn(("STOPPING=1",), self.notified)
+
+    def test_stopWhileRestarting(self) -> None:
+        """
+        A stop while a successor starts kills it (it never got GO, so it
+        took no connection), and READY=1 never follows STOPPING=1.
+        """
+        lifecycle = self.serving()
+        result = lifecycle.restart()
+        shutDown(self.reactor)
+        successor = FakeSuccessor.made[0]
+        self.assertEqual(successor.killed, "was killed: the server is stopping")
+        self.failureResultOf(result, SuccessorFailed)
+        self.assertEqual(lifecycle.state, STOPPING)
+        stopping = self.notified.index(("STOPPING=1",))
+        self.assertEqual(
+            [n for n in self.notified[stopping:] if "READY=1" in n], []
+        )
+        self.assertEqual(self.port.backlogAccepted, 1)
+
+    def test_hammerExitStatus(self) -> None:
+        """
+        A drain that had to abort connections sets the exit status to 1.
+        """
+        lifecycle = self.serving()
+        self.patch(lifecycleModule, "_exitIfStuck", lambda seconds, status: None)
+        [stopped] = shutDown(self.reactor)
+        self.drains[0][0].finish(aborted=2)
+        self.successResultOf(stopped)
+        self.assertEqual(lifecycle.exitStatus, 1)
+
+
+class SignalTests(LifecycleTestCase):
+    def test_secondSignalHammers(self) -> None:
+        """
+        The first SIGTERM stops the reactor; the second hammers the drain.
+        """
+        lifecycle = self.serving()
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertTrue(self.reactor.hasStopped)
+        shutDown(self.reactor)
+        [(drain, _)] = self.drains
+        self.assertEqual(drain.hammered, 0)
+        lifecycle._onStopSignal(signal.SIGINT)
+        self.assertEqual(drain.hammered, 1)
+
+    def test_shutdownDelay(self) -> None:
+        """
+        With a shutdown delay the process serves on that long; a second
+        signal meanwhile stops at once and hammers.
+        """
+        lifecycle = self.serving(shutdownDelay=5)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.reactor.advance(4.9)
+        self.assertFalse(self.reactor.hasStopped)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertTrue(self.reactor.hasStopped)
+        shutDown(self.reactor)
+        self.assertEqual(self.drains[0][0].hammered, 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_handedOverSurvivesFirstSignal(self) -> None:
+        """
+        A process draining after its handover goes on draining after the
+        first SIGTERM (systemctl stop signals every process of the unit);
+        the second one hammers.
+        """
+        lifecycle = self.serving()
+        lifecycle.restart()
+        FakeSuccessor.made[0].result.callback(4000)
+        self.reactor.advance(0)
+        shutDown(self.reactor)
+        drain = self.drains[0][0]
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertEqual(drain.hammered, 0)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertEqual(drain.hammered, 1)
+
+
+class ControlChannelTests(SynchronousTestCase):
+    """
+    The child's end of the READY / GO handshake.
+    """
+
+    def test_readyThenGo(self) -> None:
+        channel = ControlChannel()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        go = channel.ready()
+        self.assertEqual(transport.value(), b"READY\n")
+        self.assertNoResult(go)
+        channel.dataReceived(b"GO\n")
+        self.assertEqual(self.successResultOf(go), "go")
+
+    def test_parentGone(self) -> None:
+        channel = ControlChannel()
+        channel.makeConnection(StringTransport())
+        go = channel.ready()
+        channel.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(self.successResultOf(go), "gone")
+
+    def test_workerStopAndHammer(self) -> None:
+        stops: list[str] = []
+        hammers: list[bool] = []
+        channel = ControlChannel(stops.append, lambda: hammers.append(True))
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"STOP\nHAMMER\n")
+        self.assertEqual(stops, ["the master asked this worker to stop"])
+        self.assertEqual(hammers, [True])
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_order(self) -> None:
+        """
+        Code wins over the environment, which wins over the defaults.
+        """
+        settings = resolve(
+            {"hammerTimeout": 5.0},
+            {"TXGRACE_HAMMER_TIMEOUT": "7", "TXGRACE_READY_TIMEOUT": "8"},
+        )
+        self.assertEqual(
+            (settings.hammerTimeout, settings.readyTimeout, settings.shutdownDelay),
+            (5.0, 8.0, 0.0),
+        )
+
+    def test_signalsFromEnvironment(self) -> None:
+        settings = resolve({}, {"TXGRACE_RESTART_SIGNALS": "HUP, SIGUSR1"})
+        self.assertEqual(settings.restartSignals, (signal.SIGHUP, signal.SIGUSR1))
+
+    def test_badEnvironment(self) -> None:
+        """
+        A bad value names the variable and the value.
+        """
+        for variable, value, message in [
+            ("TXGRACE_HAMMER_TIMEOUT", "soon", "TXGRACE_HAMMER_TIMEOUT= 'soon': not a number of seconds"),
+            ("TXGRACE_READY_TIMEOUT", "-1", "TXGRACE_READY_TIMEOUT= '-1': must be 0 or more seconds"),
+            ("TXGRACE_SHUTDOWN_DELAY", "nan", "TXGRACE_SHUTDOWN_DELAY= 'nan': not a finite number of seconds"),
+            ("TXGRACE_RESTART_SIGNALS", "TERM", "TXGRACE_RESTART_SIGNALS= 'TERM': SIGTERM cannot restart: it stops the server"),
+            ("TXGRACE_RESTART_SIGNALS", "KILL", "TXGRACE_RESTART_SIGNALS= 'KILL': SIGKILL cannot restart: it cannot be caught"),
+            ("TXGRACE_RESTART_SIGNALS", "BOGUS", "TXGRACE_RESTART_SIGNALS= 'BOGUS': no such signal"),
+            ("TXGRACE_PIDFILE", "/nonexistent/x.pid", "TXGRACE_PIDFILE=: pidfile '/nonexistent/x.pid': directory '/nonexistent' does not exist"),
+        ]:
+            with self.assertRaises(SettingError) as raised:
+                resolve({}, {variable: value})
+            self.assertEqual(str(raised.exception), message)
+
+    def test_badCode(self) -> None:
+        lifecycle = ProcessLifecycle(MemoryReactorClock(), SocketRegistry(lambda: []))
+        with self.assertRaises(SettingError) as raised:
+            lifecycle.configure(hammerTimout=3)
+        self.assertIn("hammerTimout=: no such setting", str(raised.exception))
+        with self.assertRaises(SettingError) as raised:
+            lifecycle.configure(restartSignals=["INT"])
+        self.assertIn("SIGINT cannot restart", str(raised.exception))

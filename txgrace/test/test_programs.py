@@ -1,0 +1,570 @@
+"""
+A C{grace:} port makes any Twisted program graceful, with no other code:
+C{twist web}, C{twistd -n -y}, a daemonized C{twistd --pidfile}, a plain
+C{reactor.run()} script, Klein's C{app.run}, C{twistd --uid} on a low port.
+Each is run for real on loopback, with a slow request in flight across
+SIGHUP and then across SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any, Callable
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from txgrace.test.test_process import _Background, shortTemporaryDirectory
+from txgrace.testing import HTTPLoad, ServerProcess, Serving, isAlive, slowRequest, waitUntil
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+LOCAL = "grace:tcp:0:interface=127.0.0.1"
+
+TAC = """\
+from twisted.application import service, strports
+from txgrace.test._apps import site
+
+application = service.Application("txgrace-test")
+strports.service({endpoint!r}, site).setServiceParent(application)
+"""
+
+SCRIPT = """\
+import sys
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from txgrace.test._apps import site
+
+globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, "")])
+serverFromString(reactor, {endpoint!r}).listen(site)
+reactor.run()
+"""
+
+KLEIN = """\
+import os, sys
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+
+globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, "")])
+log = Logger()
+app = Klein()
+
+@app.route("/")
+def hello(request):
+    return f"hello from pid {{os.getpid()}}\\n"
+
+@app.route("/sleep")
+def sleep(request):
+    duration = float(request.args[b"duration"][0])
+    log.info("sleeping {{duration}}", duration=duration)
+    return deferLater(
+        reactor, duration, lambda: f"slept {{duration}} from pid {{os.getpid()}}\\n"
+    )
+
+app.run(endpoint_description={endpoint!r}, logFile=open(os.devnull, "w"))
+"""
+
+
+def get(port: int, path: str = "/") -> bytes:
+    status, body = slowRequest("127.0.0.1", port, path, timeout=15)
+    assert status == 200, (status, body)
+    return body
+
+
+def refused(port: int) -> bool:
+    """
+    Whether a connection to C{port} is refused (nothing listens).
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class ProgramTestsMixin:
+    """
+    The same story for every program: a slow request across SIGHUP is
+    answered by the old pid, which then exits; the new pid serves; a slow
+    request across SIGTERM completes and the process exits; nothing is
+    refused or reset meanwhile.
+    """
+
+    def start(self) -> tuple[Callable[[int], None], Callable[[int], Serving], Callable[[str], None]]:
+        """
+        Start the program.
+
+        @return: C{signal(pid, signum)}, C{waitServing(generation)} and
+            C{waitForMessage(pattern)}.
+        """
+        raise NotImplementedError()
+
+    def server(self, command: list[str], cwd: str, env: dict[str, str] | None = None) -> ServerProcess:
+        environment = dict(os.environ, **(env or {}))
+        server = ServerProcess([], command=command, cwd=cwd, env=environment)
+        self.addCleanup(server.kill)  # type: ignore[attr-defined]
+        return server
+
+    def story(self, server: ServerProcess, firstIsChild: bool = True) -> list[int]:
+        test: Any = self
+        first = server.waitServing(1)
+        port = first.port(0)
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
+        server.waitForMessage(r"sleeping 2")
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=2000).start()
+        test.addCleanup(load.stop)
+        os.kill(first.pid, signal.SIGHUP)
+        second = server.waitServing(2)
+        test.assertNotEqual(second.pid, first.pid)
+        test.assertEqual(second.port(0), port)
+        test.assertEqual(get(port), f"hello from pid {second.pid}\n".encode())
+        status, body = slow.join()
+        test.assertEqual((status, body), (200, f"slept 2.0 from pid {first.pid}\n".encode()))
+        test.assertTrue(waitUntil(lambda: not isAlive(first.pid), 30))
+        if firstIsChild:
+            test.assertEqual(server.process.wait(10), 0)
+        result = load.stop()
+        test.assertEqual(dict(result.failures), {})
+        test.assertGreater(result.pids[second.pid], 0)
+        # And now a graceful stop of the new generation.
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=1.5")
+        since = server.eventCount()
+        server.waitForMessage(r"sleeping 1.5", since=since)
+        os.kill(second.pid, signal.SIGTERM)
+        status, body = slow.join()
+        test.assertEqual((status, body), (200, f"slept 1.5 from pid {second.pid}\n".encode()))
+        test.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
+        test.assertTrue(refused(port))
+        return [first.pid, second.pid]
+
+
+class TwistWebTests(ProgramTestsMixin, TestCase):
+    def test_twoListens(self) -> None:
+        """
+        C{twist web --listen grace:... --listen grace:...}.
+        """
+        directory = shortTemporaryDirectory(self)
+        server = self.server(
+            [
+                sys.executable, "-m", "twisted", "--log-format", "json", "web",
+                "--listen", LOCAL, "--listen", LOCAL,
+                "--class", "txgrace.test._apps.AppRoot",
+            ],
+            directory,
+        )
+        first = server.waitServing(1)
+        self.assertEqual(len(first.addresses), 2)
+        self.story(server)
+
+    def test_loadOverTenRestarts(self) -> None:
+        """
+        Ten restarts of C{twist web} under load, new-connection and
+        keep-alive clients: no failed request, every generation served.
+        """
+        directory = shortTemporaryDirectory(self)
+        server = self.server(
+            [
+                sys.executable, "-m", "twisted", "--log-format", "json", "web",
+                "--listen", LOCAL, "--class", "txgrace.test._apps.AppRoot",
+            ],
+            directory,
+        )
+        current = server.waitServing(1)
+        port = current.port(0)
+        load = HTTPLoad("127.0.0.1", port, clients=6, maxRequests=20000).start()
+        self.addCleanup(load.stop)
+        pids = [current.pid]
+        for generation in range(2, 12):
+            os.kill(current.pid, signal.SIGHUP)
+            current = server.waitServing(generation)
+            self.assertTrue(waitUntil(lambda: not isAlive(pids[-1]), 30))
+            pids.append(current.pid)
+        get(port)
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertEqual(len(set(pids)), 11)
+        self.assertGreater(result.ok, 0)
+
+
+class TwistdForegroundTests(ProgramTestsMixin, TestCase):
+    def test_twistdNoDaemon(self) -> None:
+        """
+        C{twistd -n -y app.tac}: its default pidfile (C{twistd.pid}) does not
+        refuse the successor, names the serving pid after the handover, and
+        is removed by the final stop.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(TAC.format(endpoint=LOCAL))
+        server = self.server(
+            [TWISTD, "-n", "--logger", "txgrace.test._apps.jsonStdoutObserver", "-y", "app.tac"],
+            directory,
+        )
+        pidFile = os.path.join(directory, "twistd.pid")
+        first, second = self.story(server)
+        self.assertFalse(os.path.exists(pidFile))
+        messages = "\n".join(server.messages())
+        self.assertNotIn("Another twistd server is running", messages)
+
+    def test_pidFileFollows(self) -> None:
+        """
+        After a handover twistd's pidfile names the new pid.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(TAC.format(endpoint=LOCAL))
+        pidFile = os.path.join(directory, "app.pid")
+        server = self.server(
+            [TWISTD, "-n", "--pidfile", pidFile, "--logger",
+             "txgrace.test._apps.jsonStdoutObserver", "-y", "app.tac"],
+            directory,
+        )
+        first = server.waitServing(1)
+        self.assertEqual(readPid(pidFile), first.pid)
+        os.kill(first.pid, signal.SIGHUP)
+        second = server.waitServing(2)
+        self.assertTrue(waitUntil(lambda: not isAlive(first.pid), 30))
+        self.assertEqual(readPid(pidFile), second.pid)
+        os.kill(readPid(pidFile), signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
+        self.assertFalse(os.path.exists(pidFile))
+
+
+def readPid(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def waitForLine(path: str, pattern: str, timeout: float = 30.0, after: int = 0) -> re.Match[str]:
+    """
+    Wait until the text file C{path} has a line matching C{pattern} after
+    its first C{after} lines.
+    """
+    compiled = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines[after:]:
+            match = compiled.search(line)
+            if match:
+                return match
+        time.sleep(0.05)
+    raise AssertionError(f"no line matching {pattern!r} in {path} within {timeout}s")
+
+
+SERVING = r"Serving tcp:127\.0\.0\.1:(\d+) with pid (\d+) \(generation {}\)"
+
+
+class TwistdDaemonTests(TestCase):
+    def test_daemon(self) -> None:
+        """
+        C{twistd --pidfile P --logfile L -y app.tac}: C{kill -HUP $(cat P)}
+        restarts, again and again; the successor does not daemonize again
+        (its pid is the one that serves and that P names); every
+        generation's lines are in L; TERM drains and removes P.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(TAC.format(endpoint=LOCAL))
+        pidFile = os.path.join(directory, "app.pid")
+        logFile = os.path.join(directory, "app.log")
+        launched = subprocess.run(
+            [TWISTD, "--pidfile", pidFile, "--logfile", logFile, "-y", "app.tac"],
+            cwd=directory, timeout=60, capture_output=True, text=True,
+        )
+        self.assertEqual(launched.returncode, 0, launched.stderr)
+        pids: list[int] = []
+
+        def cleanup() -> None:
+            for pid in pids + ([readPid(pidFile)] if os.path.exists(pidFile) else []):
+                if isAlive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+        match = waitForLine(logFile, SERVING.format(1))
+        port, first = int(match.group(1)), int(match.group(2))
+        pids.append(first)
+        self.assertEqual(readPid(pidFile), first)
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
+        waitForLine(logFile, r"sleeping 2")
+        os.kill(readPid(pidFile), signal.SIGHUP)
+        second = int(waitForLine(logFile, SERVING.format(2)).group(2))
+        pids.append(second)
+        self.assertEqual(get(port), f"hello from pid {second}\n".encode())
+        self.assertEqual(slow.join(), (200, f"slept 2.0 from pid {first}\n".encode()))
+        self.assertTrue(waitUntil(lambda: not isAlive(first), 30))
+        self.assertEqual(readPid(pidFile), second)
+        os.kill(readPid(pidFile), signal.SIGHUP)
+        third = int(waitForLine(logFile, SERVING.format(3)).group(2))
+        pids.append(third)
+        self.assertTrue(waitUntil(lambda: not isAlive(second), 30))
+        self.assertEqual(readPid(pidFile), third)
+        self.assertEqual(get(port), f"hello from pid {third}\n".encode())
+        os.kill(readPid(pidFile), signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(third), 30))
+        self.assertFalse(os.path.exists(pidFile))
+        self.assertTrue(refused(port))
+        with open(logFile) as f:
+            log = f.read()
+        # Each generation started (twistd's banner) and each of the first
+        # two logged its drain after its successor's start: none overwrote
+        # another's lines.
+        self.assertEqual(log.count("starting up."), 3)
+        self.assertEqual(log.count("Server Shut Down."), 3)
+        self.assertEqual(len(re.findall(r"Drained \d+ connections", log)), 3)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Another twistd server", log)
+
+
+class PlainScriptTests(ProgramTestsMixin, TestCase):
+    def test_script(self) -> None:
+        """
+        C{serverFromString(reactor, "grace:...").listen(site); reactor.run()}.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "serve.py"), "w") as f:
+            f.write(SCRIPT.format(endpoint=LOCAL))
+        server = self.server([sys.executable, "serve.py"], directory)
+        self.story(server)
+
+
+class KleinTests(ProgramTestsMixin, TestCase):
+    def test_kleinRun(self) -> None:
+        """
+        Klein's C{app.run(endpoint_description="grace:...")}.
+        """
+        try:
+            import klein  # noqa: F401
+        except ImportError:
+            raise SkipTest("klein is not installed")
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "kleinapp.py"), "w") as f:
+            f.write(KLEIN.format(endpoint=LOCAL))
+        server = self.server([sys.executable, "kleinapp.py"], directory)
+        self.story(server)
+
+
+def _unprivilegedUser() -> tuple[int, int]:
+    """
+    A user that can run this interpreter and import txgrace and Twisted, for
+    the privilege tests.
+
+    @raise SkipTest: If not root, or no such user.
+    """
+    if os.getuid() != 0:
+        raise SkipTest("needs root to bind a port below 1024")
+    import pwd
+
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        raise SkipTest("no user 'nobody'")
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import twisted, txgrace"],
+            user=user.pw_uid, group=user.pw_gid, capture_output=True, text=True,
+            cwd="/", timeout=60,
+        )
+    except OSError as e:
+        raise SkipTest(f"user 'nobody' cannot run {sys.executable}: {e.strerror}")
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise SkipTest(f"user 'nobody' cannot run {sys.executable} with txgrace: {last}")
+    return user.pw_uid, user.pw_gid
+
+
+class PrivilegedTests(TestCase):
+    def test_twistdUid(self) -> None:
+        """
+        C{twistd --uid nobody} on a port below 1024: the port is bound before
+        privileges drop, and the successor, running as nobody, inherits it.
+        """
+        uid, gid = _unprivilegedUser()
+        directory = shortTemporaryDirectory(self)
+        os.chmod(directory, 0o777)
+        port = _freeLowPort()
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(TAC.format(endpoint=f"grace:tcp:{port}:interface=127.0.0.1"))
+        server = ServerProcess(
+            [],
+            command=[TWISTD, "-n", "--uid", str(uid), "--gid", str(gid), "--pidfile=",
+                     "--logger", "txgrace.test._apps.jsonStdoutObserver", "-y", "app.tac"],
+            cwd=directory,
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertEqual(first.port(0), port)
+        os.kill(first.pid, signal.SIGHUP)
+        second = server.waitServing(2)
+        self.assertEqual(get(port), f"hello from pid {second.pid}\n".encode())
+        with open(f"/proc/{second.pid}/status") as f:
+            self.assertIn(f"Uid:\t{uid}\t", f.read())
+        os.kill(second.pid, signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
+
+
+def _freeLowPort() -> int:
+    for port in range(900, 1000):
+        with socket.socket() as skt:
+            try:
+                skt.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SkipTest("no free port below 1024")
+
+
+class SymlinkDeployTests(TestCase):
+    def test_restartIntoNewRelease(self) -> None:
+        """
+        Started from C{current -> releases/1}, a restart after the symlink
+        moves to C{releases/2} runs the new release ($PWD, not getcwd()).
+        """
+        directory = shortTemporaryDirectory(self)
+        for release in ("1", "2"):
+            os.makedirs(os.path.join(directory, "releases", release))
+            with open(os.path.join(directory, "releases", release, "releaseapp.py"), "w") as f:
+                f.write(textwrap.dedent(f"""\
+                    from twisted.web.resource import Resource
+                    from twisted.web.server import Site
+
+                    class Release(Resource):
+                        isLeaf = True
+                        def render_GET(self, request):
+                            return b"release {release}\\n"
+
+                    site = Site(Release())
+                    """))
+        current = os.path.join(directory, "current")
+        os.symlink(os.path.join(directory, "releases", "1"), current)
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "releaseapp.site"],
+            cwd=current,
+            env=dict(os.environ, PWD=current),
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertEqual(get(first.port(0)), b"release 1\n")
+        os.unlink(current)
+        os.symlink(os.path.join(directory, "releases", "2"), current)
+        os.kill(first.pid, signal.SIGHUP)
+        second = server.waitServing(2)
+        self.assertEqual(get(first.port(0)), b"release 2\n")
+        os.kill(second.pid, signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
+
+
+class TerminalTests(TestCase):
+    """
+    In a terminal: after a HUP, Ctrl-C still reaches the serving generation,
+    and the old process's exit does not hang up the terminal into a second
+    restart.
+    """
+
+    def test_ctrlCAfterRestart(self) -> None:
+        import fcntl
+        import pty
+        import termios
+
+        directory = shortTemporaryDirectory(self)
+        logFile = os.path.join(directory, "log.json")
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+
+        def controllingTerminal() -> None:
+            # The session leader with this terminal, in its foreground group,
+            # as a shell would start a job (and as `docker run -t` does).
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-format", "json",
+             "--log-file", logFile, "txgrace", "--endpoint", LOCAL,
+             "--app", "txgrace.test._apps.site"],
+            stdin=slave, stdout=slave, stderr=slave, cwd=directory,
+            start_new_session=True, preexec_fn=controllingTerminal,
+        )
+        os.close(slave)
+        pids = [process.pid]
+
+        def cleanup() -> None:
+            for pid in pids:
+                if isAlive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait(10)
+
+        self.addCleanup(cleanup)
+        events = JSONLog(logFile)
+        first = events.waitServing(1)
+        self.assertEqual(first.pid, process.pid)
+        os.kill(first.pid, signal.SIGHUP)
+        second = events.waitServing(2)
+        pids.append(second.pid)
+        events.waitFor(lambda e: e.get("log_format", "").startswith("Drained"))
+        # Give a hangup the time to restart the successor, if it came.
+        time.sleep(1.0)
+        self.assertEqual([s.generation for s in events.serving()], [1, 2])
+        self.assertEqual(get(second.port(0)), f"hello from pid {second.pid}\n".encode())
+        os.write(master, b"\x03")  # Ctrl-C
+        self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
+        self.assertEqual(process.wait(30), 0)
+        self.assertEqual([s.generation for s in events.serving()], [1, 2])
+
+
+class JSONLog:
+    """
+    The JSON log events in a file that processes append to.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def events(self) -> list[dict[str, Any]]:
+        import json
+
+        try:
+            with open(self._path) as f:
+                lines = f.read().split("\x1e")
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                pass
+        return found
+
+    def waitFor(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if predicate(event):
+                    return event
+            time.sleep(0.05)
+        raise AssertionError(f"no such event in {self._path} within {timeout}s")
+
+    def serving(self) -> list[Serving]:
+        from txgrace.testing import _parseAddresses
+
+        return [
+            Serving(e["pid"], e["generation"], _parseAddresses(e["addresses"]))
+            for e in self.events()
+            if "addresses" in e and "generation" in e
+        ]
+
+    def waitServing(self, generation: int) -> Serving:
+        self.waitFor(lambda e: e.get("generation") == generation and "addresses" in e)
+        return [s for s in self.serving() if s.generation == generation][0]
