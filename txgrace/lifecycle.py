@@ -663,6 +663,11 @@ class ProcessLifecycle:
         if self._host is not None:
             command = self._host.successorArguments(command)
             output = self._host.successorOutput()
+        # The restart signals stay blocked from here to the successor's
+        # first instructions (the mask survives exec; its trampoline then
+        # ignores them, and its lifecycle unblocks them once it handles
+        # them): one sent to it while it starts cannot kill it.
+        blocked = blockSignals(self.settings.restartSignals)
         try:
             self._successor = self._spawn(
                 self._reactor,
@@ -675,6 +680,7 @@ class ProcessLifecycle:
             )
             started = self._successor.start()
         finally:
+            restoreSignals(blocked)
             if output is not None:
                 os.close(output)
         return started.addCallbacks(
@@ -753,6 +759,21 @@ class ProcessLifecycle:
             log.error(
                 "Cannot record the restart beside {path!r}: {error}", path=path, error=e
             )
+
+
+def blockSignals(signals: Any) -> Any:
+    """
+    Block C{signals} in this thread; returns what to restore.
+    """
+    import signal as _signal
+
+    return _signal.pthread_sigmask(_signal.SIG_BLOCK, set(signals))
+
+
+def restoreSignals(mask: Any) -> None:
+    import signal as _signal
+
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
 
 
 def _exitIfStuck(seconds: float, status: Callable[[], int]) -> None:

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgrace.adopt import HeldSocket, SocketRegistry, registry as processRegistry
-from txgrace.lifecycle import IWorkers, lifecycleFor
+from txgrace.lifecycle import IWorkers, blockSignals, restoreSignals, lifecycleFor
 from txgrace.restart import Successor, SuccessorFailed
 
 log = Logger()
@@ -185,7 +185,11 @@ class MasterService(Service):
             ignoreSignals=self.lifecycle.settings.restartSignals,
         )
         self._starting.add(worker)
-        started = worker.start()
+        blocked = blockSignals(self.lifecycle.settings.restartSignals)
+        try:
+            started = worker.start()
+        finally:
+            restoreSignals(blocked)
 
         def done(result: Any) -> Any:
             self._starting.discard(worker)

@@ -48,6 +48,9 @@ class SignalHandlers:
                 signal.signal(restartSignal, signal.SIG_IGN)
             else:
                 signal.signal(restartSignal, self._onRestart)
+        # A successor starts with its restart signals blocked (see
+        # txgrace.lifecycle): they are handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._restartSignals))
 
     def _onStop(self, signum: int, frame: Any) -> None:
         # Runs between bytecodes: hand the work to the reactor thread.

@@ -146,3 +146,21 @@ def jsonStdoutObserver():
     from twisted.logger import jsonFileLogObserver
 
     return jsonFileLogObserver(sys.stdout, "")
+
+
+def _slowWSGI(environ, startResponse):
+    import time
+
+    time.sleep(float(environ.get("QUERY_STRING", "").partition("=")[2] or "0"))
+    startResponse("200 OK", [("Content-Type", "text/plain")])
+    return [f"wsgi from pid {os.getpid()}\n".encode()]
+
+
+def wsgiSite():
+    """
+    A WSGI app (C{/?duration=SECONDS} sleeps in its thread), for
+    C{--app txgrace.test._apps.wsgiSite}.
+    """
+    from twisted.web.wsgi import WSGIResource
+
+    return Site(WSGIResource(reactor, reactor.getThreadPool(), _slowWSGI))

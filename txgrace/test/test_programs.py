@@ -80,6 +80,19 @@ def get(port: int, path: str = "/") -> bytes:
     return body
 
 
+def assertAborted(test: TestCase, request: _Background) -> None:
+    """
+    The request in C{request} was cut by the server (the hammer's abort, a
+    TCP reset).
+    """
+    try:
+        result = request.join()
+    except Exception as e:
+        test.assertEqual(getattr(e, "kind", None), "reset", repr(e))
+    else:
+        test.fail(f"the request was answered: {result!r}")
+
+
 def refused(port: int) -> bool:
     """
     Whether a connection to C{port} is refused (nothing listens).
@@ -568,3 +581,101 @@ class JSONLog:
     def waitServing(self, generation: int) -> Serving:
         self.waitFor(lambda e: e.get("generation") == generation and "addresses" in e)
         return [s for s in self.serving() if s.generation == generation][0]
+
+
+class LifecycleProcessTests(TestCase):
+    """
+    Edges of the lifecycle that only real processes show.
+    """
+
+    def test_restartSignalWhileSuccessorStarts(self) -> None:
+        """
+        A restart signal that reaches a successor while it starts (as
+        C{systemctl kill -s HUP} does) does not kill it: it becomes ready.
+        """
+        directory = shortTemporaryDirectory(self)
+        fault = os.path.join(directory, "fault")
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "txgrace.test._apps.site"],
+            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        with open(fault, "w") as f:
+            f.write("slow-start")
+        os.kill(first.pid, signal.SIGHUP)
+        started = server.waitForMessage(r"Started successor pid")
+        successor = started["pid"]
+        # While it is still importing (slow-start takes 1.5 s):
+        os.kill(successor, signal.SIGHUP)
+        os.kill(successor, signal.SIGUSR2)
+        second = server.waitServing(2)
+        self.assertEqual(second.pid, successor)
+        self.assertEqual(get(first.port(0)), f"hello from pid {successor}\n".encode())
+        self.assertEqual(server.process.wait(30), 0)
+        os.kill(successor, signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(successor), 30))
+
+    def test_exitAfterHammerWhateverThreadsDo(self) -> None:
+        """
+        A WSGI request still running in its thread when the hammer falls
+        does not keep the process alive: it exits (status 1) and says why.
+        """
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "txgrace.test._apps.wsgiSite",
+             "--hammer-timeout", "0.5"],
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        slow = _Background(slowRequest, "127.0.0.1", first.port(0), "/?duration=3")
+        time.sleep(0.5)
+        os.kill(first.pid, signal.SIGTERM)
+        server.waitForMessage(r"Hammer: aborted 1 connections")
+        self.assertEqual(server.process.wait(30), 1)
+        server.waitForMessage(r"Still running 5.0s after the hammer \(threads: .*\); exiting now")
+        assertAborted(self, slow)
+
+
+class MasterLifecycleTests(TestCase):
+    def test_badAppEndsTheMaster(self) -> None:
+        """
+        A bad --app ends the master with the worker's one-line error and
+        status 1, instead of respawning workers that never become ready.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "txgrace", "--workers", "2",
+             "--endpoint", LOCAL, "--app", "txgrace_no_such_module.site"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )
+        self.assertEqual(result.returncode, 1)
+        output = result.stdout + result.stderr
+        self.assertIn(
+            "twist txgrace: error: --app 'txgrace_no_such_module.site': no module "
+            "named 'txgrace_no_such_module'",
+            output,
+        )
+        self.assertIn("failed before the master was ready", output)
+        self.assertNotIn("retrying", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_secondSignalHammersWorkers(self) -> None:
+        """
+        In master mode a second SIGTERM aborts what the workers have left at
+        once, even during the shutdown delay.
+        """
+        server = ServerProcess(
+            ["--workers", "1", "--endpoint", LOCAL, "--app", "txgrace.test._apps.site",
+             "--shutdown-delay", "30", "--hammer-timeout", "60"],
+        )
+        self.addCleanup(server.kill)
+        worker = server.waitServing(1)
+        server.waitForMessage(r"Master pid \d+ serving")
+        forever = _Background(slowRequest, "127.0.0.1", worker.port(0), "/forever")
+        server.waitForMessage("forever begins")
+        os.kill(server.pid, signal.SIGTERM)
+        server.waitForMessage(r"Serving 30.0s more before stopping")
+        os.kill(server.pid, signal.SIGTERM)
+        server.waitForMessage(r"Hammer: aborted 1 connections")
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertTrue(waitUntil(lambda: not isAlive(worker.pid), 30))
+        assertAborted(self, forever)
