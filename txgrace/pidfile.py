@@ -1,4 +1,4 @@
-# -*- test-case-name: txgrace.test.test_command -*-
+# -*- test-case-name: txgrace.test.test_units -*-
 """
 A pidfile that always names the process serving now, and beside it the
 outcome of the last restart (C{<pidfile>.restart}, one JSON object), which

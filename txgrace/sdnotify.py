@@ -1,4 +1,4 @@
-# -*- test-case-name: txgrace.test.test_sdnotify -*-
+# -*- test-case-name: txgrace.test.test_units -*-
 """
 systemd's notification protocol (sd_notify): datagrams to C{$NOTIFY_SOCKET}.
 """

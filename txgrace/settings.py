@@ -71,6 +71,12 @@ The environment variable of each setting.
 """
 
 
+def _given(source: str, value: object) -> str:
+    # "--hammer-timeout 'x'" for an option; "TXGRACE_HAMMER_TIMEOUT='x'" for
+    # a variable or a keyword.
+    return f"{source}{value!r}" if source.endswith("=") else f"{source} {value!r}"
+
+
 def parseSeconds(source: str, value: str, allowNegative: bool = False) -> float:
     """
     Parse a number of seconds given as C{value} by C{source} (an option or
@@ -82,12 +88,12 @@ def parseSeconds(source: str, value: str, allowNegative: bool = False) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise SettingError(f"{source} {value!r}: not a number of seconds") from None
+        raise SettingError(f"{_given(source, value)}: not a number of seconds") from None
     if not math.isfinite(seconds):
         hint = " (a negative value means never)" if allowNegative else ""
-        raise SettingError(f"{source} {value!r}: not a finite number of seconds{hint}")
+        raise SettingError(f"{_given(source, value)}: not a finite number of seconds{hint}")
     if seconds < 0 and not allowNegative:
-        raise SettingError(f"{source} {value!r}: must be 0 or more seconds")
+        raise SettingError(f"{_given(source, value)}: must be 0 or more seconds")
     return seconds
 
 
@@ -111,11 +117,11 @@ def parseSignal(source: str, name: str) -> int:
         member = getattr(signal.Signals, upper, None)
         number = None if member is None else int(member)
     if number is None:
-        raise SettingError(f"{source} {name!r}: no such signal")
+        raise SettingError(f"{_given(source, name)}: no such signal")
     why = _UNUSABLE_SIGNALS.get(signal.Signals(number))
     if why is not None:
         raise SettingError(
-            f"{source} {name!r}: {signal.Signals(number).name} cannot restart: {why}"
+            f"{_given(source, name)}: {signal.Signals(number).name} cannot restart: {why}"
         )
     return number
 
@@ -135,7 +141,8 @@ def parsePidFile(source: str, value: str) -> str:
     try:
         checkPidFileLocation(value)
     except ValueError as e:
-        raise SettingError(f"{source}: {e}") from None
+        why = str(e).removeprefix(f"pidfile {value!r}: ")
+        raise SettingError(f"{_given(source, value)}: {why}") from None
     return os.path.abspath(value)
 
 
@@ -170,7 +177,7 @@ def checkValue(key: str, value: Any) -> Any:
     try:
         text = repr(float(value))
     except (TypeError, ValueError):
-        raise SettingError(f"{source} {value!r}: not a number of seconds") from None
+        raise SettingError(f"{_given(source, value)}: not a number of seconds") from None
     return _fromText(key, source, text)
 
 

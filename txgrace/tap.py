@@ -1,4 +1,4 @@
-# -*- test-case-name: txgrace.test.test_units -*-
+# -*- test-case-name: txgrace.test.test_units,txgrace.test.test_tap -*-
 """
 C{twist txgrace}: serve an application on C{grace:} endpoints with no code.
 
@@ -77,30 +77,33 @@ def _where(error: BaseException) -> str:
 
 def _importLongest(spec: str, names: Sequence[str]) -> tuple[Any, str, list[str]]:
     """
-    Import the longest module that C{names} starts with.
+    Import the longest module that C{names} starts with, parents first (so
+    that an error is reported for the module that raised it).
 
     @return: The module, its name, and the names after it.
     @raise AppError: If none imports, or importing one raises.
     """
-    for count in range(len(names), 0, -1):
-        moduleName = ".".join(names[:count])
+    module: Any = None
+    moduleName = ""
+    for count in range(1, len(names) + 1):
+        name = ".".join(names[:count])
         try:
-            return importlib.import_module(moduleName), moduleName, list(names[count:])
+            imported = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            missing = e.name or ""
-            if moduleName == missing or moduleName.startswith(missing + "."):
-                if count > 1:
-                    continue  # Perhaps an attribute: try a shorter module.
-                raise AppError(f"--app {spec!r}: no module named {missing!r}") from None
+            if e.name == name:
+                break  # Not a module: the rest are attributes.
             raise AppError(
-                f"--app {spec!r}: importing {moduleName!r} failed: {e}{_where(e)}"
+                f"--app {spec!r}: importing {name!r} failed: {e}{_where(e)}"
             ) from None
         except Exception as e:
             raise AppError(
-                f"--app {spec!r}: importing {moduleName!r} raised "
+                f"--app {spec!r}: importing {name!r} raised "
                 f"{type(e).__name__}: {e}{_where(e)}"
             ) from None
-    raise AppError(f"--app {spec!r}: expected pkg.module.attribute")
+        module, moduleName = imported, name
+    if module is None:
+        raise AppError(f"--app {spec!r}: no module named {names[0]!r}")
+    return module, moduleName, list(names[len(moduleName.split(".")) :])
 
 
 def loadApp(spec: str) -> IProtocolFactory:

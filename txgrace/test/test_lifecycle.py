@@ -557,13 +557,13 @@ class SettingsTests(SynchronousTestCase):
         A bad value names the variable and the value.
         """
         for variable, value, message in [
-            ("TXGRACE_HAMMER_TIMEOUT", "soon", "TXGRACE_HAMMER_TIMEOUT= 'soon': not a number of seconds"),
-            ("TXGRACE_READY_TIMEOUT", "-1", "TXGRACE_READY_TIMEOUT= '-1': must be 0 or more seconds"),
-            ("TXGRACE_SHUTDOWN_DELAY", "nan", "TXGRACE_SHUTDOWN_DELAY= 'nan': not a finite number of seconds"),
-            ("TXGRACE_RESTART_SIGNALS", "TERM", "TXGRACE_RESTART_SIGNALS= 'TERM': SIGTERM cannot restart: it stops the server"),
-            ("TXGRACE_RESTART_SIGNALS", "KILL", "TXGRACE_RESTART_SIGNALS= 'KILL': SIGKILL cannot restart: it cannot be caught"),
-            ("TXGRACE_RESTART_SIGNALS", "BOGUS", "TXGRACE_RESTART_SIGNALS= 'BOGUS': no such signal"),
-            ("TXGRACE_PIDFILE", "/nonexistent/x.pid", "TXGRACE_PIDFILE=: pidfile '/nonexistent/x.pid': directory '/nonexistent' does not exist"),
+            ("TXGRACE_HAMMER_TIMEOUT", "soon", "TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds"),
+            ("TXGRACE_READY_TIMEOUT", "-1", "TXGRACE_READY_TIMEOUT='-1': must be 0 or more seconds"),
+            ("TXGRACE_SHUTDOWN_DELAY", "nan", "TXGRACE_SHUTDOWN_DELAY='nan': not a finite number of seconds"),
+            ("TXGRACE_RESTART_SIGNALS", "TERM", "TXGRACE_RESTART_SIGNALS='TERM': SIGTERM cannot restart: it stops the server"),
+            ("TXGRACE_RESTART_SIGNALS", "KILL", "TXGRACE_RESTART_SIGNALS='KILL': SIGKILL cannot restart: it cannot be caught"),
+            ("TXGRACE_RESTART_SIGNALS", "BOGUS", "TXGRACE_RESTART_SIGNALS='BOGUS': no such signal"),
+            ("TXGRACE_PIDFILE", "/nonexistent/x.pid", "TXGRACE_PIDFILE='/nonexistent/x.pid': directory '/nonexistent' does not exist"),
         ]:
             with self.assertRaises(SettingError) as raised:
                 resolve({}, {variable: value})

@@ -1,0 +1,184 @@
+"""
+C{twist txgrace} as a user types it: one line for each mistake, the right
+version and usage line, and C{--app} for what Twisted web users have (a
+Klein app, attribute paths).  Settings from C{TXGRACE_*} in any program.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from txgrace.tap import loadApp
+from txgrace.test.test_process import shortTemporaryDirectory
+
+
+def twist(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", *arguments],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+class CommandLineTests(TestCase):
+    def assertOneLine(self, result: subprocess.CompletedProcess[str], expected: str) -> None:
+        output = (result.stdout + result.stderr).strip().splitlines()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(output[0], expected)
+        self.assertLessEqual(len(output), 2, output)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_version(self) -> None:
+        """
+        C{--version} prints txgrace's version and Twisted's.
+        """
+        from twisted import __version__ as twistedVersion
+
+        from txgrace import __version__
+
+        result = twist("txgrace", "--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stdout, f"txgrace {__version__} (Twisted {twistedVersion})\n")
+
+    def test_usageLine(self) -> None:
+        result = twist("txgrace", "--help")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(
+            result.stdout.splitlines()[0],
+            "Usage: python -m twisted [twist options] txgrace [options] --endpoint "
+            "grace:tcp:8080 [--endpoint ...] --app pkg.module.site",
+        )
+
+    def test_errorIsOneLineAndAHint(self) -> None:
+        """
+        A parse error prints one line and a hint, not the whole usage.
+        """
+        result = twist("txgrace", "--endpoint", "grace:tcp:0", "--app", "x.y", "--bogus")
+        self.assertEqual(result.returncode, 64)
+        self.assertEqual(
+            result.stderr,
+            "twist txgrace: error: option --bogus not recognized\n"
+            "(see 'twist txgrace --help' for the options)\n",
+        )
+
+    def test_restartSignalsThatCannotRestart(self) -> None:
+        for name, why in [
+            ("KILL", "SIGKILL cannot restart: it cannot be caught"),
+            ("STOP", "SIGSTOP cannot restart: it cannot be caught"),
+            ("TERM", "SIGTERM cannot restart: it stops the server"),
+            ("INT", "SIGINT cannot restart: it stops the server"),
+        ]:
+            result = twist(
+                "txgrace", "--restart-signal", name, "--endpoint", "grace:tcp:0",
+                "--app", "x.y",
+            )
+            self.assertOneLine(
+                result, f"twist txgrace: error: --restart-signal {name!r}: {why}"
+            )
+
+    def test_nanHammerTimeout(self) -> None:
+        result = twist(
+            "txgrace", "--hammer-timeout", "nan", "--endpoint", "grace:tcp:0", "--app", "x.y"
+        )
+        self.assertOneLine(
+            result,
+            "twist txgrace: error: --hammer-timeout 'nan': not a finite number of "
+            "seconds (a negative value means never)",
+        )
+
+    def test_badEnvironmentInTwistTxgrace(self) -> None:
+        result = twist(
+            "txgrace", "--endpoint", "grace:tcp:0:interface=127.0.0.1",
+            "--app", "txgrace.test._apps.site", env={"TXGRACE_READY_TIMEOUT": "-3"},
+        )
+        self.assertOneLine(
+            result,
+            "twist txgrace: error: TXGRACE_READY_TIMEOUT='-3': must be 0 or more seconds",
+        )
+
+    def test_badEnvironmentInTwistWeb(self) -> None:
+        """
+        Any program with a grace: port refuses a bad TXGRACE_* value with one
+        line naming it.
+        """
+        result = twist(
+            "web", "--listen", "grace:tcp:0:interface=127.0.0.1",
+            env={"TXGRACE_HAMMER_TIMEOUT": "soon"},
+        )
+        self.assertOneLine(
+            result, "txgrace: error: TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds"
+        )
+
+    def test_importErrorSaysWhere(self) -> None:
+        """
+        An app that fails to import says where (file and line).
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "brokenapp.py"), "w") as f:
+            f.write("import os\n\nraise RuntimeError('no database')\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "txgrace", "--endpoint",
+             "grace:tcp:0:interface=127.0.0.1", "--app", "brokenapp.site"],
+            capture_output=True, text=True, timeout=60, cwd=directory,
+        )
+        self.assertOneLine(
+            result,
+            "twist txgrace: error: --app 'brokenapp.site': importing 'brokenapp' raised "
+            f"RuntimeError: no database (at {os.path.join(directory, 'brokenapp.py')}:3)",
+        )
+
+
+class LoadAppTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = shortTemporaryDirectory(self)  # type: ignore[arg-type]
+        sys.path.insert(0, self.directory)
+        self.addCleanup(sys.path.remove, self.directory)
+
+    def module(self, name: str, source: str) -> None:
+        with open(os.path.join(self.directory, name + ".py"), "w") as f:
+            f.write(textwrap.dedent(source))
+        self.addCleanup(sys.modules.pop, name, None)
+
+    def test_attributePath(self) -> None:
+        """
+        C{mod.app.resource} and C{mod:app.resource} name an attribute path.
+        """
+        self.module("txgrace_attrapp", """\
+            from twisted.web.resource import Resource
+
+            class App:
+                resource = Resource()
+
+            app = App()
+            """)
+        for spec in ("txgrace_attrapp.app.resource", "txgrace_attrapp:app.resource"):
+            site = loadApp(spec)
+            self.assertIs(site.resource, sys.modules["txgrace_attrapp"].app.resource)
+
+    def test_klein(self) -> None:
+        """
+        A Klein app is served through its C{resource()}.
+        """
+        try:
+            import klein  # noqa: F401
+        except ImportError:
+            raise SkipTest("klein is not installed")
+        self.module("txgrace_kleinapp", """\
+            from klein import Klein
+            app = Klein()
+
+            @app.route("/")
+            def home(request):
+                return "home"
+            """)
+        from klein.resource import KleinResource
+
+        site = loadApp("txgrace_kleinapp.app")
+        self.assertIsInstance(site.resource, KleinResource)
+        site = loadApp("txgrace_kleinapp.app.resource")
+        self.assertIsInstance(site.resource, KleinResource)
