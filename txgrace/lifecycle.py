@@ -814,6 +814,7 @@ def flushOpenFiles() -> None:
             stream.flush()
         except Exception:
             pass
+    gc.unfreeze()  # Frozen objects (see _drained) are not listed otherwise.
     for obj in gc.get_objects():
         if isinstance(obj, io.IOBase):
             try:
@@ -823,13 +824,15 @@ def flushOpenFiles() -> None:
                 pass
 
 
-def exitProcess(status: int) -> None:
+def exitProcess(status: int, runExitHandlers: bool = True) -> None:
     """
     End the process now with C{status}, after running the exit handlers
-    and flushing open files, as a normal exit would.
+    (unless called from one: they are running) and flushing open files, as a
+    normal exit would.
     """
     try:
-        atexit._run_exitfuncs()
+        if runExitHandlers:
+            atexit._run_exitfuncs()
     finally:
         flushOpenFiles()
         os._exit(status)

@@ -388,7 +388,9 @@ class _ExitStatus:
     def __call__(self) -> None:
         status = lifecycleFor().exitStatus
         if status:
-            exitProcess(status)
+            # The other exit handlers have run (this one was registered
+            # first, so it runs last).
+            exitProcess(status, runExitHandlers=False)
 
 
 class _CommandLineService(GraceService):

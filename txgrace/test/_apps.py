@@ -41,6 +41,17 @@ def _fault() -> str:
 
 
 _FAULT = _fault()
+if os.environ.get("TXGRACE_TEST_ATEXIT"):
+    import atexit
+
+    def _ranAtExit(path=os.environ["TXGRACE_TEST_ATEXIT"]):
+        with open(path, "a") as f:
+            f.write(f"exit handler of pid {os.getpid()}\n")
+
+    atexit.register(_ranAtExit)
+    # An application's own buffered file, never flushed by the app.
+    _buffered = open(os.environ["TXGRACE_TEST_ATEXIT"] + ".buffered", "a")
+    _buffered.write("written, not flushed\n")
 if _FAULT == "crash":
     raise RuntimeError("crashing on purpose (TXGRACE_TEST_FAULT)")
 if _FAULT == "hang":

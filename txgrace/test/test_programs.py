@@ -47,6 +47,20 @@ serverFromString(reactor, {endpoint!r}).listen(site)
 reactor.run()
 """
 
+SERVICE_SCRIPT = """\
+import sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from txgrace import GraceService
+from txgrace.test._apps import site
+
+globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, "")])
+service = GraceService(hammerTimeout=30)
+service.listen({endpoint!r}, site)
+service.startService()
+reactor.run()
+"""
+
 KLEIN = """\
 import os, sys
 from klein import Klein
@@ -354,6 +368,19 @@ class PlainScriptTests(ProgramTestsMixin, TestCase):
         self.story(server)
 
 
+    def test_graceServiceStartService(self) -> None:
+        """
+        The README's snippet: a L{GraceService} started with
+        C{startService()} and nothing joining it to the reactor's shutdown
+        still drains on SIGTERM.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "serve.py"), "w") as f:
+            f.write(SERVICE_SCRIPT.format(endpoint=LOCAL))
+        server = self.server([sys.executable, "serve.py"], directory)
+        self.story(server)
+
+
 class KleinTests(ProgramTestsMixin, TestCase):
     def test_kleinRun(self) -> None:
         """
@@ -634,6 +661,37 @@ class LifecycleProcessTests(TestCase):
         self.assertEqual(server.process.wait(30), 1)
         server.waitForMessage(r"Still running 5.0s after the hammer \(threads: .*\); exiting now")
         assertAborted(self, slow)
+
+
+    def test_hammeredExitKeepsExitHandlersAndLog(self) -> None:
+        """
+        A process that exits with status 1 after a hammer still runs the
+        app's exit handlers, once, flushes the app's open files, and its log
+        file keeps its last lines.
+        """
+        directory = shortTemporaryDirectory(self)
+        marker = os.path.join(directory, "atexit")
+        logFile = os.path.join(directory, "log.json")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-format", "json", "--log-file",
+             logFile, "txgrace", "--endpoint", LOCAL, "--app",
+             "txgrace.test._apps.site", "--hammer-timeout", "0"],
+            env=dict(os.environ, TXGRACE_TEST_ATEXIT=marker),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        log = JSONLog(logFile)
+        first = log.waitServing(1)
+        forever = _Background(slowRequest, "127.0.0.1", first.port(0), "/forever")
+        log.waitFor(lambda e: e.get("log_format") == "forever begins")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(30), 1)
+        assertAborted(self, forever)
+        with open(marker) as f:
+            self.assertEqual(f.read(), f"exit handler of pid {process.pid}\n")
+        with open(marker + ".buffered") as f:
+            self.assertEqual(f.read(), "written, not flushed\n")
+        self.assertEqual(log.events()[-1].get("log_format"), "Main loop terminated.")
 
 
 class MasterLifecycleTests(TestCase):
