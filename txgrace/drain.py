@@ -156,6 +156,16 @@ class Drain:
             connection.abortConnection()
         log.warn("Hammer: aborted {count} connections", count=len(remaining))
 
+    def abandon(self) -> None:
+        """
+        Give the drain up (the process serves again): no hammer, no result.
+        The connections already asked to finish still finish.
+        """
+        self._finished = True
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+
     def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
         self._calls = [call for call in self._calls if call.active()]
         self._calls.append(self._clock.callLater(delay, f, *args))

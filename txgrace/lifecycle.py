@@ -234,6 +234,13 @@ class ProcessLifecycle:
         self._shutdownWaiters: list[Deferred[Any]] | None = None
         self._terminalLeader = False
         self._served = False
+        self._drainResult: DrainResult | None = None
+        self._drainWaiters: list[Deferred[DrainResult]] | None = None
+        self._handedOverAt = 0.0
+        self._probationCall: Any = None
+        self._probationElapsed = False
+        self._leaving = False
+        self._probationToken: object | None = None
 
     # Settings
 
@@ -421,6 +428,7 @@ class ProcessLifecycle:
                 "signal aborts what is left",
                 signal=name,
             )
+            self._leave()  # A stop ends the probation.
             return
         if self._stopAsked:
             log.warn("Received {signal} again: aborting what is left", signal=name)
@@ -542,7 +550,11 @@ class ProcessLifecycle:
                     if acceptBacklog is not None:
                         acceptBacklog()
             done = stopListening(ports)
-            done.addCallback(lambda ignored: self._startDrain())
+            if self._drainWaiters is not None:
+                # The drain began at the handover (see _startProbation).
+                done.addCallback(lambda ignored: self._whenDrained())
+            else:
+                done.addCallback(lambda ignored: self._startDrain())
             done.addCallback(lambda result: self._drained(result, exiting))
         if final and self.settings.pidFile is not None and not self.worker:
             pidFile = self.settings.pidFile
@@ -573,6 +585,116 @@ class ProcessLifecycle:
         if self._hammerAsked:
             self._drain.hammer()
         return done
+
+    def _whenDrained(self) -> Deferred[DrainResult]:
+        if self._drainResult is not None:
+            return succeed(self._drainResult)
+        waiter: Deferred[DrainResult] = Deferred()
+        assert self._drainWaiters is not None
+        self._drainWaiters.append(waiter)
+        return waiter
+
+    # Probation
+
+    def _startProbation(self, successor: Any) -> None:
+        """
+        After the handover: stop accepting, drain, and keep this process's
+        copies of the sockets until the drain is done and C{probation}
+        seconds have passed; if the successor dies meanwhile, serve again.
+        """
+        self._handedOverAt = self._reactor.seconds()
+        self._registry.pauseAccepting()
+        for port in list(self._registry.ports.values()):
+            stopReading = getattr(port, "stopReading", None)
+            if stopReading is not None:
+                stopReading()
+        ended = getattr(successor, "ended", None)
+        if ended is not None:
+            ended.addCallback(self._successorEnded, successor.pid)
+        self._drainResult = None
+        self._drainWaiters = []
+        token = self._probationToken = object()
+
+        def finished(result: DrainResult) -> DrainResult:
+            if self._probationToken is not token:
+                return result  # Given up: this process serves again.
+            self._drainResult = result
+            waiters, self._drainWaiters = self._drainWaiters or [], []
+            for waiter in waiters:
+                waiter.callback(result)
+            self._leaveIfDone()
+            return result
+
+        self._startDrain().addCallback(finished)
+        probation = self.settings.probation
+        if probation > 0:
+            self._probationCall = self._reactor.callLater(probation, self._elapsed)
+        else:
+            self._probationElapsed = True
+        self._leaveIfDone()
+
+    def _elapsed(self) -> None:
+        self._probationCall = None
+        self._probationElapsed = True
+        self._leaveIfDone()
+
+    def _leaveIfDone(self) -> None:
+        if self._probationElapsed and self._drainResult is not None:
+            self._leave()
+
+    def _leave(self) -> None:
+        """
+        End the probation: close this process's copies and exit once the
+        drain is done.
+        """
+        if self._leaving or self.state != HANDED_OVER:
+            return
+        self._leaving = True
+        if self._probationCall is not None and self._probationCall.active():
+            self._probationCall.cancel()
+        self._probationCall = None
+        self._stopReactor()
+
+    def _successorEnded(self, status: str, pid: int) -> None:
+        """
+        The successor exited.  If it died (not a clean exit, status 0) while
+        this process still holds the sockets, serve again.
+        """
+        if self.state != HANDED_OVER or self._leaving or self._stopping:
+            return
+        if status == "status 0":
+            return
+        if self._drain is not None:
+            self._drain.abandon()
+            try:
+                self._registry.removeConnectionLostObserver(self._drain.connectionLost)
+            except ValueError:
+                pass
+            self._drain = None
+        self._drainWaiters = None
+        self._drainResult = None
+        self._probationToken = None
+        if self._probationCall is not None and self._probationCall.active():
+            self._probationCall.cancel()
+        self._probationCall = None
+        self._probationElapsed = False
+        self._stopAsked = False
+        self.state = SERVING
+        self._registry.handingOver = False
+        self._registry.resumeAccepting()
+        pidNow = os.getpid()
+        self._notify(f"MAINPID={pidNow}", "READY=1", f"STATUS=Successor pid {pid} died; serving again")
+        self._writePidFile(pidNow)
+        # Logged last: whoever reads this line finds the pidfile right.
+        seconds = self._reactor.seconds() - self._handedOverAt
+        log.error(
+            "Successor pid {successor} died {seconds}s after ready ({status}); "
+            "pid {pid} serves again",
+            successor=pid,
+            seconds=round(seconds, 1),
+            status=status,
+            pid=os.getpid(),
+        )
 
     def _drained(self, result: DrainResult, exiting: bool) -> DrainResult:
         self.lastDrain = result
@@ -698,7 +820,7 @@ class ProcessLifecycle:
         return os.getpid()
 
     def _handOver(self, pid: int, asked: float) -> int:
-        self._successor = None
+        successor, self._successor = self._successor, None
         if self.state != RESTARTING:
             return pid
         log.info(
@@ -711,7 +833,7 @@ class ProcessLifecycle:
         self._notify(f"MAINPID={pid}", "READY=1")
         self._writePidFile(pid)
         self._recordRestart(asked, "ready", successor=pid)
-        self._reactor.callLater(0, self._stopReactor)
+        self._startProbation(successor)
         return pid
 
     def _restartFailed(self, reason: Failure, asked: float) -> Failure:

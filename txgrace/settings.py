@@ -50,6 +50,10 @@ class Settings:
     @ivar shutdownDelay: Seconds to go on serving after a stop signal before
         the drain begins, for load balancers that stop routing only when the
         signal is sent (Kubernetes).
+    @ivar probation: Seconds after a handover during which this process
+        keeps its copies of the sockets (not accepting), to serve again if
+        its successor dies; it keeps them as long as its drain lasts in any
+        case.
     """
 
     hammerTimeout: float = 60.0
@@ -57,6 +61,7 @@ class Settings:
     pidFile: str | None = None
     restartSignals: tuple[int, ...] = field(default=DEFAULT_RESTART_SIGNALS)
     shutdownDelay: float = 0.0
+    probation: float = 0.0
 
 
 ENVIRONMENT = {
@@ -65,6 +70,7 @@ ENVIRONMENT = {
     "pidFile": "TXGRACE_PIDFILE",
     "restartSignals": "TXGRACE_RESTART_SIGNALS",
     "shutdownDelay": "TXGRACE_SHUTDOWN_DELAY",
+    "probation": "TXGRACE_PROBATION",
 }
 """
 The environment variable of each setting.
@@ -149,7 +155,7 @@ def parsePidFile(source: str, value: str) -> str:
 def _fromText(key: str, source: str, text: str) -> Any:
     if key == "hammerTimeout":
         return parseSeconds(source, text, allowNegative=True)
-    if key in ("readyTimeout", "shutdownDelay"):
+    if key in ("readyTimeout", "shutdownDelay", "probation"):
         return parseSeconds(source, text)
     if key == "pidFile":
         return parsePidFile(source, text) if text else None

@@ -184,7 +184,7 @@ class Options(usage.Options):
         "the same command and the same sockets, and this process drains and "
         "exits once the successor is ready.  Unset options come from "
         "TXGRACE_HAMMER_TIMEOUT, TXGRACE_READY_TIMEOUT, TXGRACE_PIDFILE, "
-        "TXGRACE_RESTART_SIGNALS and TXGRACE_SHUTDOWN_DELAY."
+        "TXGRACE_RESTART_SIGNALS, TXGRACE_SHUTDOWN_DELAY and TXGRACE_PROBATION."
     )
 
     optParameters = [
@@ -224,6 +224,14 @@ class Options(usage.Options):
             "Seconds to go on serving after SIGTERM before draining, for load "
             "balancers that stop routing only when they send SIGTERM "
             "(Kubernetes; default 0).",
+        ],
+        [
+            "probation",
+            None,
+            None,
+            "Seconds after a handover during which this process keeps its "
+            "copies of the sockets and serves again if its successor dies "
+            "(default 0: as long as its drain lasts).",
         ],
         [
             "pidfile",
@@ -314,6 +322,7 @@ class Options(usage.Options):
                 ("hammer-timeout", True),
                 ("ready-timeout", False),
                 ("shutdown-delay", False),
+                ("probation", False),
             ):
                 if self[option] is not None:
                     self[option] = parseSeconds(
@@ -343,6 +352,7 @@ class Options(usage.Options):
             "pidFile": self["pidfile"],
             "restartSignals": self["restart-signals"] or None,
             "shutdownDelay": self["shutdown-delay"],
+            "probation": self["probation"],
         }
         return {key: value for key, value in given.items() if value is not None}
 

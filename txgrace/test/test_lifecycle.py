@@ -181,6 +181,12 @@ class FakeDrain:
     def hammer(self) -> None:
         self.hammered += 1
 
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def connectionLost(self, connection: Any) -> None:
+        pass
+
     def finish(self, aborted: int = 0) -> None:
         self.done.callback(DrainResult(1, aborted, 0.5))
 
@@ -305,8 +311,12 @@ class RestartTests(LifecycleTestCase):
         self.assertTrue(self.registry.handingOver)
         self.assertEqual(self.notified[-1], (f"MAINPID={successor.pid}", "READY=1"))
         self.assertEqual(self.readPidFile(), successor.pid)
+        # The drain begins at once; the sockets stay until it is done.
+        [(drain, _)] = self.drains
+        self.assertEqual(self.port.stopped, 0)
+        self.assertFalse(self.registry.accepting)
         self.assertFalse(self.reactor.hasStopped)
-        self.reactor.advance(0)
+        drain.finish()
         self.assertTrue(self.reactor.hasStopped)
         status = readRestartStatus(self.pidFile)
         assert status is not None
@@ -455,6 +465,87 @@ class StopTests(LifecycleTestCase):
         self.assertEqual(lifecycle.exitStatus, 1)
 
 
+class ProbationTests(LifecycleTestCase):
+    """
+    After a handover the process keeps its copies of the sockets while it
+    drains (and at least C{probation} seconds), and serves again if its
+    successor dies meanwhile.
+    """
+
+    def handOver(self, **settings: Any) -> tuple[ProcessLifecycle, FakeSuccessor]:
+        lifecycle = self.serving(**settings)
+        lifecycle.restart()
+        successor = FakeSuccessor.made[-1]
+        successor.ended = Deferred()
+        successor.result.callback(successor.pid)
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+        return lifecycle, successor
+
+    def test_successorDiesDuringDrain(self) -> None:
+        """
+        A successor that dies after ready, while this process drains: this
+        process serves again (accepting, pidfile, MAINPID), its drain is
+        given up, and a later restart works.
+        """
+        lifecycle, successor = self.handOver()
+        drain = self.drains[0][0]
+        successor.ended.callback("signal 9")
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.assertFalse(self.registry.handingOver)
+        self.assertEqual(self.readPidFile(), os.getpid())
+        self.assertEqual(self.notified[-1][:2], (f"MAINPID={os.getpid()}", "READY=1"))
+        self.assertEqual(self.port.stopped, 0)
+        self.assertTrue(drain.abandoned)
+        drain.finish()  # The abandoned drain finishing does not stop us.
+        self.assertFalse(self.reactor.hasStopped)
+        again = lifecycle.restart()
+        self.assertEqual(len(FakeSuccessor.made), 2)
+        # A final stop now drains anew.
+        FakeSuccessor.made[-1].kill("exited with status 1 before it was ready")
+        self.failureResultOf(again, SuccessorFailed)
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(len(self.drains), 2)
+        self.assertNoResult(stopped)
+        self.drains[1][0].finish()
+        self.successResultOf(stopped)
+
+    def test_cleanExitIsNoDeath(self) -> None:
+        """
+        A successor that exits 0 (it handed over in turn, or was stopped)
+        is not taken over from.
+        """
+        lifecycle, successor = self.handOver()
+        successor.ended.callback("status 0")
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+        self.assertEqual(self.readPidFile(), successor.pid)
+
+    def test_probationOutlastsDrain(self) -> None:
+        """
+        With C{probation}, the sockets are kept that long even if the drain
+        is over sooner; a death within it is taken over, one after it is not.
+        """
+        lifecycle, successor = self.handOver(probation=5)
+        self.drains[0][0].finish()
+        self.reactor.advance(4.9)
+        self.assertFalse(self.reactor.hasStopped)
+        self.reactor.advance(0.2)
+        self.assertTrue(self.reactor.hasStopped)
+        successor.ended.callback("signal 9")
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+
+    def test_stopSignalEndsProbation(self) -> None:
+        """
+        A stop signal during the probation ends it: a successor that dies
+        afterwards is not taken over.
+        """
+        lifecycle, successor = self.handOver(probation=30)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertTrue(self.reactor.hasStopped)
+        successor.ended.callback("signal 9")
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+
+
 class SignalTests(LifecycleTestCase):
     def test_secondSignalHammers(self) -> None:
         """
@@ -493,8 +584,6 @@ class SignalTests(LifecycleTestCase):
         lifecycle = self.serving()
         lifecycle.restart()
         FakeSuccessor.made[0].result.callback(4000)
-        self.reactor.advance(0)
-        shutDown(self.reactor)
         drain = self.drains[0][0]
         lifecycle._onStopSignal(signal.SIGTERM)
         self.assertEqual(drain.hammered, 0)

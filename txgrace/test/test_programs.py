@@ -694,6 +694,54 @@ class LifecycleProcessTests(TestCase):
         self.assertEqual(log.events()[-1].get("log_format"), "Main loop terminated.")
 
 
+class ProbationProcessTests(TestCase):
+    def test_successorDiesAfterReady(self) -> None:
+        """
+        Ten successors that die just after they are ready, under load: no
+        connection is refused, the old pid serves again each time, and a
+        good restart then works.
+        """
+        directory = shortTemporaryDirectory(self)
+        fault = os.path.join(directory, "fault")
+        pidFile = os.path.join(directory, "app.pid")
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "txgrace.test._apps.site",
+             "--probation", "5", "--pidfile", pidFile],
+            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        with open(fault, "w") as f:
+            f.write("exit-after-ready")
+        port = first.port(0)
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=20000).start()
+        self.addCleanup(load.stop)
+        for _ in range(10):
+            since = server.eventCount()
+            os.kill(first.pid, signal.SIGHUP)
+            event = server.waitForMessage(
+                rf"Successor pid \d+ died [\d.]+s after ready \(status 4\); pid "
+                rf"{first.pid} serves again",
+                since=since,
+            )
+            self.assertNotEqual(event["successor"], first.pid)
+            self.assertEqual(readPid(pidFile), first.pid)
+        os.unlink(fault)
+        since = server.eventCount()
+        os.kill(first.pid, signal.SIGHUP)
+        ready = server.waitForMessage(r"Successor pid \d+ is ready", since=since)
+        self.assertTrue(waitUntil(lambda: not isAlive(first.pid), 30))
+        self.assertEqual(get(port), f"hello from pid {ready['successor']}\n".encode())
+        result = load.stop()
+        # Connections a dead successor had accepted die with it, as in any
+        # crash; none is refused.
+        self.assertEqual(result.failures["refused"], 0, result)
+        self.assertGreater(result.pids[first.pid], 0)
+        self.assertEqual(server.process.wait(30), 0)
+        os.kill(ready["successor"], signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(ready["successor"]), 30))
+
+
 class MasterLifecycleTests(TestCase):
     def test_badAppEndsTheMaster(self) -> None:
         """
