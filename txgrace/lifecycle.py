@@ -345,7 +345,12 @@ class ProcessLifecycle:
     def _ready(self, ignored: object) -> None:
         if self.state != STARTING:
             return
+        unclaimed = [i.name for i in self._registry.inherited() if i.name != "unknown"]
         self._registry.closeUnclaimed()
+        if unclaimed and sdnotify.fileDescriptorStore(self._environ) and not self.worker:
+            # A port dropped from the configuration: systemd forgets it too.
+            for name in unclaimed:
+                sdnotify.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
         if self._control is None:
             self._serve("first")
             return
@@ -396,11 +401,31 @@ class ProcessLifecycle:
             )
         if self.worker:
             return
+        self._storeSockets()
         if answer != "go":
             # A first start, or a predecessor that is gone: nobody else
             # tells systemd or the pidfile about this process.
             self._notify("READY=1", f"MAINPID={pid}")
             self._writePidFile(pid)
+
+    def _storeSockets(self) -> None:
+        """
+        Give systemd a copy of every listening socket (its fd store), so
+        that a crash or a C{systemctl restart} queues connections instead of
+        refusing them: the next start gets them back as C{LISTEN_FDS} and
+        adopts them by name.  systemd keeps one copy of a socket however
+        often it is sent, so every generation sends them.
+        """
+        if not sdnotify.fileDescriptorStore(self._environ):
+            return
+        for port in list(self._registry.ports.values()):
+            try:
+                fd = port.fileno()
+            except Exception:
+                continue
+            sdnotify.notify(
+                "FDSTORE=1", f"FDNAME={port.key}", "FDPOLL=0", fds=[fd]
+            )
 
     def _notReady(self, reason: Failure) -> None:
         if self.state != STARTING:

@@ -282,14 +282,16 @@ class Successor:
             return
         self._outcome = "ready"
         self._cancelTimeout()
+        assert self.pid is not None
+        # First the caller's bookkeeping (MAINPID= to systemd, the pidfile),
+        # then GO: the successor talks to systemd as its main process.
+        self._result.callback(self.pid)
         self._send(GO)
         if not self._worker and self._control is not None:
             # A successor needs nothing more from us.
             transport = self._control.transport
             if transport is not None:
                 transport.loseConnection()
-        assert self.pid is not None
-        self._result.callback(self.pid)
 
     def _ended(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
