@@ -213,3 +213,30 @@ class FileDescriptorStoreTests(TestCase):
             waitUntil(lambda: any("FDSTOREREMOVE=1\nFDNAME=extra" in m for m in self.systemd.messages), 30)
         )
         self.assertEqual(list(self.systemd.stored), ["tcp/127.0.0.1/0"])
+
+    def test_masterKillNineRefusesNothing(self) -> None:
+        """
+        Master mode: C{kill -9} of the master (its workers then drain and
+        exit), then a start with the stored socket: nothing is refused.
+        """
+        arguments = ["--workers", "2", "--endpoint", LOCAL, "--app", APP]
+        server = self.systemd.start(arguments)
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage(r"Master pid \d+ serving")
+        port = int(ready["addresses"].rsplit(":", 1)[1])
+        workers = [int(p) for p in ready["pids"].split(", ")]
+        self.assertTrue(self.systemd.waitStored(1))
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=20000).start()
+        self.addCleanup(load.stop)
+        self.assertTrue(waitUntil(lambda: load.result.ok > 50, 30))
+        os.kill(ready["pid"], signal.SIGKILL)
+        self.assertTrue(waitUntil(lambda: not any(isAlive(w) for w in workers), 60))
+        okBefore = load.result.ok
+        again = self.systemd.start(arguments)
+        self.addCleanup(again.kill)
+        again.waitForMessage(r"Master pid \d+ serving")
+        self.assertTrue(waitUntil(lambda: load.result.ok > okBefore + 50, 30))
+        result = load.stop()
+        self.assertEqual(result.failures["refused"], 0, result)
+        os.kill(again.pid, signal.SIGTERM)
+        self.assertEqual(again.wait(60), 0)
