@@ -66,6 +66,8 @@ class _Slot:
         self.readyAt = 0.0
         self.respawnDelay = FIRST_RESPAWN_DELAY
         self.respawnCall: Any = None
+        self.previous: Successor | None = None
+        self.retireCall: Any = None
 
 
 @implementer(IWorkers)
@@ -249,21 +251,61 @@ class MasterService(Service):
         if slot.respawnCall is not None and slot.respawnCall.active():
             slot.respawnCall.cancel()
         old = slot.worker
-        if old is not None and old is not worker:
-            # A roll and a respawn can meet in one slot: one worker each.
-            self._draining.add(old)
-            old.stop()
         slot.worker = worker
         slot.readyAt = self._reactor.seconds()
         worker.ended.addCallback(self._workerEnded, slot, worker)
+        if old is not None and old is not worker:
+            # A roll and a respawn can meet in one slot: one worker each.
+            self._draining.add(old)
+            self._retire(slot)
+            probation = self.lifecycle.settings.probation
+            if probation > 0 and not self._stopping:
+                # On probation: the old worker stops only once the new one
+                # has served that long, and serves on if the new one dies.
+                slot.previous = old
+                slot.retireCall = self._reactor.callLater(probation, self._retire, slot)
+            else:
+                old.stop()
+
+    def _retire(self, slot: _Slot) -> None:
+        """
+        Stop the worker a slot kept on probation, if any.
+        """
+        if slot.retireCall is not None and slot.retireCall.active():
+            slot.retireCall.cancel()
+        slot.retireCall = None
+        previous, slot.previous = slot.previous, None
+        if previous is not None:
+            previous.stop()
 
     def _workerEnded(self, status: str, slot: _Slot, worker: Successor) -> None:
         self._draining.discard(worker)
+        if slot.previous is worker:
+            if slot.retireCall is not None and slot.retireCall.active():
+                slot.retireCall.cancel()
+            slot.retireCall = slot.previous = None
         if slot.worker is not worker:
             log.info("Worker pid {pid} exited with {status}", pid=worker.pid, status=status)
             return
         slot.worker = None
         if self._stopping:
+            return
+        previous = slot.previous
+        if previous is not None:
+            if slot.retireCall is not None and slot.retireCall.active():
+                slot.retireCall.cancel()
+            slot.retireCall = slot.previous = None
+            self._draining.discard(previous)
+            slot.worker = previous
+            log.error(
+                "Worker pid {pid} (slot {slot}) died {seconds}s after ready "
+                "({status}); worker pid {previous} serves on",
+                pid=worker.pid,
+                slot=slot.number,
+                seconds=round(self._reactor.seconds() - slot.readyAt, 1),
+                status=status,
+                previous=previous.pid,
+            )
             return
         if self._reactor.seconds() - slot.readyAt >= STABLE_SECONDS:
             slot.respawnDelay = FIRST_RESPAWN_DELAY
@@ -329,6 +371,9 @@ class MasterService(Service):
         for slot in self._slots:
             if slot.respawnCall is not None and slot.respawnCall.active():
                 slot.respawnCall.cancel()
+            if slot.retireCall is not None and slot.retireCall.active():
+                slot.retireCall.cancel()
+            slot.retireCall = slot.previous = None
         for worker in list(self._starting):
             worker.kill("was killed: the master is stopping")
         workers = self._liveWorkers()

@@ -742,6 +742,40 @@ class ProbationProcessTests(TestCase):
         self.assertTrue(waitUntil(lambda: not isAlive(ready["successor"]), 30))
 
 
+class MasterProbationTests(TestCase):
+    def test_newWorkerDiesAfterReady(self) -> None:
+        """
+        A roll whose new worker dies right after it is ready keeps the old
+        worker serving (with --probation): the only worker never stops.
+        """
+        directory = shortTemporaryDirectory(self)
+        fault = os.path.join(directory, "fault")
+        server = ServerProcess(
+            ["--workers", "1", "--probation", "5", "--endpoint", LOCAL, "--app",
+             "txgrace.test._apps.site"],
+            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+        )
+        self.addCleanup(server.kill)
+        old = server.waitServing(1)
+        server.waitForMessage(r"Master pid \d+ serving")
+        with open(fault, "w") as f:
+            f.write("exit-after-ready")
+        since = server.eventCount()
+        os.kill(server.pid, signal.SIGHUP)
+        died = server.waitForMessage(
+            rf"Worker pid \d+ \(slot 1\) died [\d.]+s after ready \(status 4\); "
+            rf"worker pid {old.pid} serves on",
+            since=since,
+        )
+        self.assertNotEqual(died["pid"], old.pid)
+        self.assertTrue(isAlive(old.pid))
+        self.assertEqual(get(old.port(0)), f"hello from pid {old.pid}\n".encode())
+        os.unlink(fault)
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.process.wait(60), 0)
+        self.assertTrue(waitUntil(lambda: not isAlive(old.pid), 30))
+
+
 class MasterLifecycleTests(TestCase):
     def test_badAppEndsTheMaster(self) -> None:
         """
