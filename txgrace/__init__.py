@@ -12,7 +12,7 @@ timeouts, the pidfile and the signals; L{GraceService} is a convenience.
 from txgrace import inherit as _inherit  # noqa: F401  # isort: skip
 from txgrace._version import __version__
 from txgrace.interfaces import IDrainable
-from txgrace.lifecycle import RestartRefused, configure
+from txgrace.lifecycle import RestartRefused, configure, whenDraining
 from txgrace.service import GraceService, holdReadiness
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "RestartRefused",
     "configure",
     "holdReadiness",
+    "whenDraining",
     "__version__",
 ]

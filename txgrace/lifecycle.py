@@ -125,6 +125,12 @@ class IWorkers(Interface):
         Have every worker abort its remaining connections now.
         """
 
+    def lameDuck() -> None:
+        """
+        Tell every worker that the master is stopping (health checks fail)
+        while they still serve.
+        """
+
     def announce() -> None:
         """
         Log that the master serves: its pid, addresses and workers.
@@ -195,6 +201,9 @@ class ProcessLifecycle:
     @ivar exitStatus: C{0}, or L{HAMMERED_EXIT_STATUS} after a hammer.
     @ivar installSignalHandlers: Whether to handle signals (tests turn it
         off).
+    @ivar stopBegun: Whether this process is on its way out: a stop was
+        asked for (its shutdown delay may still run) or it handed over.  A
+        health check answers 503 from then on.
     """
 
     def __init__(
@@ -241,6 +250,9 @@ class ProcessLifecycle:
         self._probationElapsed = False
         self._leaving = False
         self._probationToken: object | None = None
+        self.stopBegun = False
+        self._draining = False
+        self._drainingWaiters: list[Deferred[None]] = []
 
     # Settings
 
@@ -321,7 +333,7 @@ class ProcessLifecycle:
     def _running(self) -> None:
         if self._controlFD is not None:
             channel = (
-                ControlChannel(self._stopAsWorker, self._hammerAsWorker)
+                ControlChannel(self._stopAsWorker, self._hammerAsWorker, self._lameDuck)
                 if self.worker
                 else ControlChannel()
             )
@@ -478,6 +490,9 @@ class ProcessLifecycle:
         log.info("Stopping: {why}", why=why)
         self._stopReactor()
 
+    def _lameDuck(self) -> None:
+        self.stopBegun = True
+
     def _hammerAsWorker(self) -> None:
         self._hammerAsked = True
         self._stopAsWorker("the master hammers")
@@ -490,6 +505,9 @@ class ProcessLifecycle:
         Stop: after C{shutdownDelay} seconds of serving on, stop the reactor,
         which drains.
         """
+        self.stopBegun = True
+        if self.workers is not None:
+            self.workers.lameDuck()
         delay = self.settings.shutdownDelay
         if delay > 0 and self.state in (STARTING, SERVING, RESTARTING):
             log.info(
@@ -546,6 +564,7 @@ class ProcessLifecycle:
 
     def _startShutdown(self, exiting: bool) -> None:
         self._stopping = True
+        self.stopBegun = True
         if self._stopCall is not None and self._stopCall.active():
             self._stopCall.cancel()
         if self._successor is not None:
@@ -609,7 +628,23 @@ class ProcessLifecycle:
         )
         if self._hammerAsked:
             self._drain.hammer()
+        self._draining = True
+        waiters, self._drainingWaiters = self._drainingWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         return done
+
+    def whenDraining(self) -> Deferred[None]:
+        """
+        A Deferred that fires when this process begins to drain (after a
+        handover, or at a stop once the shutdown delay is over): long-lived
+        requests, streams and background work should then end.
+        """
+        if self._draining:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drainingWaiters.append(waiter)
+        return waiter
 
     def _whenDrained(self) -> Deferred[DrainResult]:
         if self._drainResult is not None:
@@ -628,6 +663,7 @@ class ProcessLifecycle:
         seconds have passed; if the successor dies meanwhile, serve again.
         """
         self._handedOverAt = self._reactor.seconds()
+        self.stopBegun = True
         self._registry.pauseAccepting()
         for port in list(self._registry.ports.values()):
             stopReading = getattr(port, "stopReading", None)
@@ -704,6 +740,8 @@ class ProcessLifecycle:
         self._probationCall = None
         self._probationElapsed = False
         self._stopAsked = False
+        self.stopBegun = False
+        self._draining = False
         self.state = SERVING
         self._registry.handingOver = False
         self._registry.resumeAccepting()
@@ -1009,10 +1047,19 @@ def lifecycleFor(
     return lifecycle
 
 
+def whenDraining() -> Deferred[None]:
+    """
+    A Deferred that fires when this process begins to drain; see
+    L{ProcessLifecycle.whenDraining}.
+    """
+    return lifecycleFor().whenDraining()
+
+
 def configure(**settings: Any) -> None:
     """
     Configure this process's lifecycle from code: C{hammerTimeout},
-    C{readyTimeout}, C{pidFile}, C{restartSignals}, C{shutdownDelay}.
+    C{readyTimeout}, C{pidFile}, C{restartSignals}, C{shutdownDelay},
+    C{probation}.
     These override the C{TXGRACE_*} environment variables.
 
     @raise txgrace.settings.SettingError: For an unknown setting or a bad

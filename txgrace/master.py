@@ -408,6 +408,13 @@ class MasterService(Service):
         for worker in self._liveWorkers():
             worker.hammer()
 
+    def lameDuck(self) -> None:
+        """
+        Tell every worker that the master is stopping.
+        """
+        for worker in self._liveWorkers():
+            worker.lameDuck()
+
     def _killAll(self, workers: list[Successor]) -> None:
         for worker in workers:
             log.error("Worker pid {pid} did not stop; killing it", pid=worker.pid)

@@ -46,6 +46,7 @@ READY = b"READY"
 GO = b"GO"
 STOP = b"STOP"
 HAMMER = b"HAMMER"
+LAME_DUCK = b"LAMEDUCK"
 
 GO_TIMEOUT = 5.0
 """
@@ -268,6 +269,13 @@ class Successor:
         """
         self._send(HAMMER)
 
+    def lameDuck(self) -> None:
+        """
+        Tell a worker that its master is stopping (its health check then
+        fails) while it still serves through the shutdown delay.
+        """
+        self._send(LAME_DUCK)
+
     def _send(self, line: bytes) -> None:
         control = self._control
         if control is not None and control.transport is not None:
@@ -377,9 +385,11 @@ class ControlChannel(LineOnlyReceiver):
         self,
         stop: Callable[[str], None] | None = None,
         hammer: Callable[[], None] | None = None,
+        lameDuck: Callable[[], None] | None = None,
     ) -> None:
         self._stop = stop
         self._hammer = hammer
+        self._lameDuck = lameDuck
         self.go: Deferred[str] = Deferred()
 
     def ready(self) -> Deferred[str]:
@@ -399,6 +409,8 @@ class ControlChannel(LineOnlyReceiver):
             self._stop("the master asked this worker to stop")
         elif line == HAMMER and self._hammer is not None:
             self._hammer()
+        elif line == LAME_DUCK and self._lameDuck is not None:
+            self._lameDuck()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.go.called:

@@ -226,6 +226,14 @@ class Options(usage.Options):
             "(Kubernetes; default 0).",
         ],
         [
+            "health",
+            None,
+            None,
+            "Answer health checks at this path (such as /healthz): 200 while "
+            "serving, 503 while not ready and from the moment a stop begins "
+            "(through --shutdown-delay). Needs a twisted.web app.",
+        ],
+        [
             "probation",
             None,
             None,
@@ -332,6 +340,10 @@ class Options(usage.Options):
                 self["pidfile"] = parsePidFile("--pidfile", self["pidfile"])
         except SettingError as e:
             raise usage.UsageError(str(e)) from None
+        if self["health"] is not None and not self["health"].startswith("/"):
+            raise usage.UsageError(
+                f"--health {self['health']!r}: must be a path starting with '/'"
+            )
         if self["workers"] is not None:
             try:
                 self["workers"] = int(self["workers"])
@@ -447,6 +459,15 @@ def makeService(options: Options) -> Service:
         factory = loadApp(options["app"])
     except AppError as e:
         raise SystemExit(f"twist txgrace: error: {e}") from None
+    if options["health"] is not None:
+        if not isinstance(factory, Site):
+            raise SystemExit(
+                f"twist txgrace: error: --health {options['health']!r}: --app "
+                f"{options['app']!r} is not a twisted.web app"
+            )
+        from txgrace.web import WithHealth
+
+        factory.resource = WithHealth(factory.resource, options["health"].encode())
     service = _CommandLineService(reactor=reactor)
     for description in options["endpoints"]:
         service.listen(description, factory)
