@@ -20,3 +20,18 @@ def raiseListenFailuresSynchronously(service: Any) -> None:
     C{twisted.application.strports.service}; present since Twisted 10.2.
     """
     service._raiseSynchronously = True
+
+
+def websocketWireProtocolClass() -> Any:
+    """
+    The class of the protocol that Twisted's C{WebSocketResource} upgrades
+    an HTTP channel to, so that the drain can close it with code 1001.
+
+    C{twisted.web._websocket_impl._WebSocketWireProtocol}: Twisted 24.10
+    and later (the module needs C{wsproto}).
+    """
+    try:
+        from twisted.web._websocket_impl import _WebSocketWireProtocol
+    except ImportError:
+        return None
+    return _WebSocketWireProtocol

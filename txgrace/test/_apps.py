@@ -175,3 +175,61 @@ def wsgiSite():
     from twisted.web.wsgi import WSGIResource
 
     return Site(WSGIResource(reactor, reactor.getThreadPool(), _slowWSGI))
+
+
+class _Echo:
+    """
+    A websocket protocol of L{twisted.web.websocket}: answers each text
+    message with C{"<message> from pid N"}.
+    """
+
+    def negotiationStarted(self, transport):
+        self.transport = transport
+
+    def negotiationFinished(self):
+        pass
+
+    def pongReceived(self, payload):
+        pass
+
+    def textMessageReceived(self, message):
+        self.transport.sendTextMessage(f"{message} from pid {os.getpid()}")
+
+    def bytesMessageReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+
+class _EchoFactory:
+    def buildProtocol(self, request):
+        return _Echo()
+
+
+def webSocketSite():
+    """
+    Twisted's own websockets at C{/ws}, for
+    C{--app txgrace.test._apps.webSocketSite}.
+    """
+    from twisted.web.websocket import WebSocketResource
+
+    root = Root()
+    root.putChild(b"ws", WebSocketResource(_EchoFactory()))
+    return Site(root)
+
+
+def autobahnFactory():
+    """
+    An autobahn websocket echo server as a plain factory, for
+    C{--app txgrace.test._apps.autobahnFactory}.
+    """
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+    class Echo(WebSocketServerProtocol):
+        def onMessage(self, payload, isBinary):
+            self.sendMessage(payload + f" from pid {os.getpid()}".encode(), False)
+
+    factory = WebSocketServerFactory()
+    factory.protocol = Echo
+    return factory
