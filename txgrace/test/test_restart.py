@@ -78,7 +78,7 @@ class RestartTests(TestCase):
         self.assertTrue(set(result.pids) <= set(pids))
         self.assertIn(pids[-1], result.pids)
         self.assertGreater(result.ok, 100)
-        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.waitFirst(), 0)
         # Every generation listened on the same two ports.
         for g in generations:
             self.assertEqual(g.addresses, serving.addresses)
@@ -182,7 +182,7 @@ class RestartTests(TestCase):
         status, body = slow.join()
         self.assertEqual(status, 200)
         self.assertIn(f"from pid {serving.pid}".encode(), body)
-        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.waitFirst(), 0)
 
     def test_fdsStableOverGenerations(self) -> None:
         """
