@@ -333,9 +333,12 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0)
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if not waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0):
+            raise AssertionError(
+                "still alive after SIGKILL: %r" % [p for p in self.pids() if isAlive(p)]
+            )
 
 
 def isAlive(pid: int) -> bool:

@@ -19,7 +19,14 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from txgrace.tap import HAMMERED_EXIT_STATUS
-from txgrace.testing import ServerProcess, Serving, isAlive, slowRequest, waitUntil
+from txgrace.testing import (
+    RequestFailed,
+    ServerProcess,
+    Serving,
+    isAlive,
+    slowRequest,
+    waitUntil,
+)
 
 APP = "txgrace.test._apps.site"
 LOCAL = "grace:tcp:0:interface=127.0.0.1"
@@ -123,7 +130,8 @@ class GracefulStopTests(TestCase):
         server.waitForMessage("forever begins")
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections")
-        self.assertRaises(Exception, forever.join)
+        # An aborted connection is reset (SO_LINGER 0), not closed.
+        self.assertEqual(self.assertRaises(RequestFailed, forever.join).kind, "reset")
         self.assertEqual(server.wait(), HAMMERED_EXIT_STATUS)
 
     def test_secondSignalHammers(self) -> None:
@@ -138,7 +146,7 @@ class GracefulStopTests(TestCase):
         server.waitForMessage("Draining 1 connections")
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
-        self.assertRaises(Exception, forever.join)
+        self.assertEqual(self.assertRaises(RequestFailed, forever.join).kind, "reset")
         self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
 
     def test_pidfile(self) -> None:
@@ -147,7 +155,7 @@ class GracefulStopTests(TestCase):
         """
         path = os.path.abspath(self.mktemp())
         server, serving = startServer(self, "--pidfile", path)
-        waitUntil(lambda: os.path.exists(path), 10)
+        self.assertTrue(waitUntil(lambda: os.path.exists(path), 10))
         with open(path) as f:
             self.assertEqual(f.read().strip(), str(serving.pid))
         server.signal(signal.SIGTERM)

@@ -89,13 +89,15 @@ class ChunkedFromTwistedTests(TestCase):
         end, so the next response on the same connection parses too.
         """
 
-        def load() -> LoadResult:
+        def load() -> tuple[bool, LoadResult]:
             running = HTTPLoad("127.0.0.1", self.port, clients=1, maxRequests=3)
             running.start()
-            waitUntil(lambda: running.result.ok + running.result.failed >= 3, 10)
-            return running.stop()
+            done = waitUntil(lambda: running.result.ok + running.result.failed >= 3, 10)
+            return done, running.stop()
 
-        def check(result: LoadResult) -> None:
+        def check(outcome: tuple[bool, LoadResult]) -> None:
+            done, result = outcome
+            self.assertTrue(done)
             self.assertEqual(dict(result.failures), {})
             self.assertEqual(result.ok, 3)
             self.assertEqual(dict(result.pids), {os.getpid(): 3})
