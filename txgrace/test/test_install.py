@@ -6,6 +6,7 @@ C{twist txgrace} subcommand discoverable, and the plugin module stays light.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,31 @@ def _sourceTree() -> str:
     if not os.path.exists(os.path.join(source, "twisted", "plugins", "txgrace_plugin.py")):
         raise SkipTest("no txgrace source tree found; set TXGRACE_SOURCE")
     return source
+
+
+def _skipUnlessBuildRequirementsMet(source: str) -> None:
+    """
+    Skip unless this environment's setuptools is as new as the project's
+    C{build-system} asks: the install test builds without isolation (and so
+    without the network), with this environment's setuptools.
+    """
+    import tomllib
+    from importlib.metadata import version
+
+    with open(os.path.join(source, "pyproject.toml"), "rb") as f:
+        requires = tomllib.load(f)["build-system"]["requires"]
+    for requirement in requires:
+        match = re.fullmatch(r"setuptools>=([0-9.]+)", requirement)
+        if match is None:
+            continue
+        wanted = tuple(int(part) for part in match.group(1).split("."))
+        have = version("setuptools")
+        if tuple(int(part) for part in re.findall(r"[0-9]+", have)[:3]) < wanted:
+            raise SkipTest(
+                f"this environment has setuptools {have}; building txgrace "
+                f"needs {requirement} (pip install -U 'txgrace[test]' or "
+                f"'{requirement}')"
+            )
 
 
 def virtualenvSharingPackages(directory: str, withPip: bool) -> tuple[str, str]:
@@ -70,6 +96,7 @@ class InstallTests(TestCase):
         file, so the test needs no network.
         """
         source = _sourceTree()
+        _skipUnlessBuildRequirementsMet(source)
         target = os.path.abspath(self.mktemp())
         python, purelib = virtualenvSharingPackages(target, withPip=True)
         subprocess.run(
@@ -109,6 +136,17 @@ class InstallTests(TestCase):
         )
         self.assertEqual(helped.returncode, 0, helped.stderr)
         self.assertIn("--endpoint", helped.stdout)
+        metadata = subprocess.run(
+            [
+                python, "-c",
+                "from importlib.metadata import distribution\n"
+                "d = distribution('txgrace')\n"
+                "print(d.metadata['License-Expression'])\n"
+                "print(sorted(f.name for f in d.files if 'licenses' in f.parts))\n",
+            ],
+            capture_output=True, text=True, cwd=target,
+        )
+        self.assertEqual(metadata.stdout.split("\n")[:2], ["MIT", "['LICENSE']"], metadata.stderr)
 
     def test_pluginModuleIsLight(self) -> None:
         """
