@@ -17,6 +17,7 @@ import os
 import time
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -58,6 +59,9 @@ class Sleep(Resource):
             request.finish()
 
         sleeping = deferLater(reactor, duration, answer)
+        # A client that goes away (or a hammer) cancels the sleep; that is
+        # the end of this request, not an error to log.
+        sleeping.addErrback(lambda failure: failure.trap(CancelledError))
         request.notifyFinish().addErrback(lambda _: sleeping.cancel())
         return NOT_DONE_YET
 

@@ -149,6 +149,30 @@ class GracefulStopTests(TestCase):
         self.assertEqual(self.assertRaises(RequestFailed, forever.join).kind, "reset")
         self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
 
+    def test_demoSecondSignal(self) -> None:
+        """
+        The demo's slow request, hammered by a second SIGTERM, ends without
+        an unhandled error in the log.
+        """
+        from txgrace.test.test_install import _sourceTree
+
+        server, serving = startServer(
+            self, "--app", "demo.gracedemo.site", cwd=_sourceTree()
+        )
+        with socket.create_connection(("127.0.0.1", serving.port()), timeout=30) as c:
+            c.sendall(b"GET /sleep/?duration=60s HTTP/1.1\r\nHost: x\r\n\r\n")
+            # The server has read the request, so it is sleeping.
+            self.assertTrue(waitUntil(lambda: _connectionsRead(serving.pid) == 1, 10))
+            server.signal(signal.SIGTERM)
+            server.waitForMessage("Draining 1 connections")
+            server.signal(signal.SIGTERM)
+            server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
+            self.assertRaises(ConnectionResetError, c.recv, 65536)
+        self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
+        output = "\n".join(server.messages())
+        self.assertNotIn("Unhandled error", output)
+        self.assertNotIn("CancelledError", output)
+
     def test_pidfile(self) -> None:
         """
         C{--pidfile} names the serving pid, and is removed on a final stop.
@@ -180,6 +204,28 @@ class GracefulStopTests(TestCase):
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(), 0)
         self.assertFalse(os.path.exists(path))
+
+
+def _connectionsRead(pid: int) -> int:
+    """
+    How many established TCP connections (IPv4) C{pid} holds with nothing
+    left unread in them.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    with open(f"/proc/{pid}/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(
+        1
+        for row in rows
+        if row[3] == "01" and row[9] in inodes and int(row[4].split(":")[1], 16) == 0
+    )
 
 
 def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
