@@ -7,8 +7,8 @@ gracedemo, in Twisted: the demo of facebookgo/grace, served by txgrace.
 
 Run it (from the repository root) on three ports:
 
-  twist txgrace --endpoint grace:tcp:48567 --endpoint grace:tcp:48568 \\
-      --endpoint grace:tcp:48569 --app demo.gracedemo.site
+  twist txgrace --endpoint grace:tcp:28567 --endpoint grace:tcp:28568 \\
+      --endpoint grace:tcp:28569 --app demo.gracedemo.site
 """
 
 from __future__ import annotations
