@@ -16,7 +16,7 @@ import tempfile
 import threading
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from txgrace.tap import HAMMERED_EXIT_STATUS
 from txgrace.testing import (
@@ -57,7 +57,7 @@ class _Background:
         return self.result
 
 
-def shortTemporaryDirectory(test: TestCase) -> str:
+def shortTemporaryDirectory(test: SynchronousTestCase) -> str:
     """
     A private directory with a short path (UNIX socket paths are limited to
     about 100 bytes), removed after the test.
@@ -228,7 +228,9 @@ def _connectionsRead(pid: int) -> int:
     )
 
 
-def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def runTwist(
+    *arguments: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """
     Run C{twist txgrace} to completion.
     """
@@ -238,6 +240,7 @@ def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -260,9 +263,11 @@ class OneLineErrorMixin:
             self.assertIn(word, output)
 
 
-class CommandLineTests(OneLineErrorMixin, TestCase):
+class CommandLineTests(TestCase):
     """
-    C{twist txgrace}'s options and its one-line errors.
+    C{twist txgrace}'s options.  Its one-line errors are in
+    L{txgrace.test.test_faults.BadInputTests}, one per way of failing; every
+    message is checked in L{txgrace.test.test_units}.
     """
 
     def test_help(self) -> None:
@@ -280,62 +285,6 @@ class CommandLineTests(OneLineErrorMixin, TestCase):
             "--restart-signal",
         ):
             self.assertIn(option, result.stdout)
-
-    def test_endpointWithoutPrefix(self) -> None:
-        """
-        An endpoint without C{grace:} is refused, naming it.
-        """
-        result = runTwist("--endpoint", "tcp:8080", "--app", APP)
-        self.assertOneLineError(result, "'tcp:8080'", "grace:")
-
-    def test_unsupportedEndpoint(self) -> None:
-        """
-        An inner type we do not support is refused, quoting the string.
-        """
-        result = runTwist("--endpoint", "grace:udp:53", "--app", APP)
-        self.assertOneLineError(result, "'grace:udp:53'")
-
-    def test_missingModule(self) -> None:
-        """
-        C{--app} naming a missing module.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "no_such_module_x.site")
-        self.assertOneLineError(result, "no module named 'no_such_module_x'")
-
-    def test_missingAttribute(self) -> None:
-        """
-        C{--app} naming a missing attribute.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps:nothing")
-        self.assertOneLineError(result, "has no attribute 'nothing'")
-
-    def test_wrongType(self) -> None:
-        """
-        C{--app} naming something that cannot be served.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps.log")
-        self.assertOneLineError(result, "is not a Site")
-
-    def test_portTaken(self) -> None:
-        """
-        A port that is taken ends the program with the address in the line.
-        """
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        result = runTwist(
-            "--endpoint", f"grace:tcp:{port}:interface=127.0.0.1", "--app", APP
-        )
-        self.assertOneLineError(result, f"127.0.0.1:{port}")
-
-    def test_badTimeout(self) -> None:
-        """
-        A timeout that is not a number is refused, naming the option.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", APP, "--hammer-timeout", "soon")
-        self.assertOneLineError(result, "--hammer-timeout", "'soon'")
 
     def test_appAsResourceAndColon(self) -> None:
         """
