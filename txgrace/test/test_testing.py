@@ -245,6 +245,8 @@ class ServingPidTests(SynchronousTestCase):
         """
         script = "import sys\nfor line in sys.argv[1:]:\n    print(line)\n"
         process = ServerProcess([], command=[sys.executable, "-c", script, *events])
+        assert process.process.stdout is not None
+        self.addCleanup(process.process.stdout.close)
         self.assertEqual(process.waitFirst(30), 0)
         self.assertTrue(waitUntil(lambda: process.eventCount() == len(events), 10))
         return process
