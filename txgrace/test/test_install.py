@@ -76,8 +76,21 @@ def virtualenvSharingPackages(directory: str, withPip: bool) -> tuple[str, str]:
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         text=True,
     ).strip()
+    # This environment's site-packages, and what its own .pth files add
+    # (a strict editable install's link tree): .pth files inside a
+    # directory that a .pth file names are not read.
+    shared = [sysconfig.get_paths()["purelib"]]
+    shared += [
+        entry
+        for entry in sys.path
+        if entry
+        and os.path.isdir(entry)
+        and entry not in shared
+        and not entry.startswith(sys.base_prefix)
+        and not entry.startswith(sys.prefix)
+    ]
     with open(os.path.join(purelib, "_txgrace_test_deps.pth"), "w") as pth:
-        pth.write(sysconfig.get_paths()["purelib"] + "\n")
+        pth.write("".join(entry + "\n" for entry in shared))
     return python, purelib
 
 
