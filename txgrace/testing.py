@@ -139,6 +139,7 @@ class ServerProcess:
             cwd=cwd,
             pass_fds=tuple(passFDs),
         )
+        self._startTime = _startTime(self.process.pid)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -272,7 +273,9 @@ class ServerProcess:
     def pids(self) -> set[int]:
         """
         Every pid this server has had: the first process, every successor it
-        announced or started.
+        announced or started.  A pid that a live process older than the
+        first one holds is left out: it was logged from another pid
+        namespace (a server under C{unshare --pid}) and names someone else.
         """
         with self._condition:
             events = list(self.events)
@@ -284,7 +287,10 @@ class ServerProcess:
                     "txgrace."
                 ):
                     pids.add(value)
-        return pids
+        first = self._startTime
+        if first is None:
+            return pids
+        return {p for p in pids if (_startTime(p) or first) >= first}
 
     def signal(self, signum: int, pid: int | None = None) -> None:
         """
@@ -339,6 +345,17 @@ class ServerProcess:
             raise AssertionError(
                 "still alive after SIGKILL: %r" % [p for p in self.pids() if isAlive(p)]
             )
+
+
+def _startTime(pid: int) -> int | None:
+    """
+    When C{pid} started, in clock ticks since boot, or L{None} if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def isAlive(pid: int) -> bool:

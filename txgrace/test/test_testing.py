@@ -281,6 +281,18 @@ class ServingPidTests(SynchronousTestCase):
         )
         self.assertEqual(process.servingPid(), process.pid)
 
+    def test_otherNamespace(self) -> None:
+        """
+        Pids logged from inside another pid namespace (the master as pid 1)
+        name older processes here: L{ServerProcess.pids} leaves them out,
+        so that L{ServerProcess.kill} never signals them.
+        """
+        process = self.server(
+            '{"log_namespace": "txgrace.master", "addresses": "tcp:127.0.0.1:1",'
+            ' "pid": 1, "pids": "2, 3"}',
+        )
+        self.assertEqual(process.pids(), {process.pid})
+
     def test_beforeAnyAnnouncement(self) -> None:
         """
         Before any announcement, the first process is the one to signal.
