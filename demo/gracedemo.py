@@ -7,8 +7,8 @@ gracedemo, in Twisted: the demo of facebookgo/grace, served by txgrace.
 
 Run it (from the repository root) on three ports:
 
-  twist txgrace --endpoint grace:tcp:48567 --endpoint grace:tcp:48568 \\
-      --endpoint grace:tcp:48569 --app demo.gracedemo.site
+  twist txgrace --endpoint grace:tcp:28567 --endpoint grace:tcp:28568 \\
+      --endpoint grace:tcp:28569 --app demo.gracedemo.site
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import time
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -58,6 +59,9 @@ class Sleep(Resource):
             request.finish()
 
         sleeping = deferLater(reactor, duration, answer)
+        # A client that goes away (or a hammer) cancels the sleep; that is
+        # the end of this request, not an error to log.
+        sleeping.addErrback(lambda failure: failure.trap(CancelledError))
         request.notifyFinish().addErrback(lambda _: sleeping.cancel())
         return NOT_DONE_YET
 

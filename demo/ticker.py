@@ -3,8 +3,8 @@ A long-lived protocol that drains politely: it sends a line every second and,
 when the server drains (a restart or a stop), says goodbye and closes, as a
 websocket server would send close code 1001 "going away".
 
-  twist txgrace --endpoint grace:tcp:48571 --app demo.ticker.factory
-  nc localhost 48571
+  twist txgrace --endpoint grace:tcp:28571 --app demo.ticker.factory
+  nc localhost 28571
 """
 
 from __future__ import annotations

@@ -61,6 +61,38 @@ def _parseAddresses(text: str) -> tuple[tuple[str, str, int | None], ...]:
     return tuple(parsed)
 
 
+def _isServing(event: dict[str, Any]) -> bool:
+    """
+    Whether C{event} is a C{Serving ... with pid N (generation G)}
+    announcement, from whichever C{txgrace} module logs it.
+    """
+    return (
+        str(event.get("log_namespace", "")).startswith("txgrace.")
+        and "addresses" in event
+        and isinstance(event.get("pid"), int)
+        and isinstance(event.get("generation"), int)
+    )
+
+
+def _isMaster(event: dict[str, Any]) -> bool:
+    """
+    Whether C{event} is a master's C{Master pid N serving ...} announcement:
+    addresses and the workers' pids, but no generation.
+    """
+    return (
+        str(event.get("log_namespace", "")).startswith("txgrace.")
+        and "addresses" in event
+        and "pids" in event
+        and "generation" not in event
+    )
+
+
+def _serving(event: dict[str, Any]) -> Serving:
+    return Serving(
+        event["pid"], event["generation"], _parseAddresses(event["addresses"])
+    )
+
+
 class ServerProcess:
     """
     An application under C{python -m twisted --log-format json txgrace ...}
@@ -107,6 +139,7 @@ class ServerProcess:
             cwd=cwd,
             pass_fds=tuple(passFDs),
         )
+        self._startTime = _startTime(self.process.pid)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -205,36 +238,44 @@ class ServerProcess:
 
     def serving(self) -> list[Serving]:
         """
-        Every C{Serving ... with pid N} announcement so far.
+        Every C{Serving ... with pid N (generation G)} announcement so far,
+        oldest first.
         """
         with self._condition:
             events = list(self.events)
-        return [
-            Serving(e["pid"], e["generation"], _parseAddresses(e["addresses"]))
-            for e in events
-            if str(e.get("log_namespace", "")).startswith("txgrace.")
-            and "addresses" in e
-            and "generation" in e
-        ]
+        return [_serving(e) for e in events if _isServing(e)]
 
     def waitServing(self, generation: int = 1, timeout: float = 30.0) -> Serving:
         """
         Wait until generation C{generation} is ready.
         """
         event = self.waitFor(
-            lambda e: str(e.get("log_namespace", "")).startswith("txgrace.")
-            and e.get("generation") == generation
-            and "addresses" in e,
-            timeout,
+            lambda e: _isServing(e) and e["generation"] == generation, timeout
         )
-        return Serving(
-            event["pid"], event["generation"], _parseAddresses(event["addresses"])
-        )
+        return _serving(event)
+
+    def servingPid(self) -> int:
+        """
+        The pid of the process that serves now: the newest generation that
+        announced it is ready, or the first process before any announcement.
+        In master mode (C{--workers}) the master keeps its pid for its whole
+        life, and that is the first process.
+        """
+        with self._condition:
+            events = list(self.events)
+        if any(_isMaster(e) for e in events):
+            return self.process.pid
+        announced = [_serving(e) for e in events if _isServing(e)]
+        if not announced:
+            return self.process.pid
+        return max(announced, key=lambda s: s.generation).pid
 
     def pids(self) -> set[int]:
         """
         Every pid this server has had: the first process, every successor it
-        announced or started.
+        announced or started.  A pid that a live process older than the
+        first one holds is left out: it was logged from another pid
+        namespace (a server under C{unshare --pid}) and names someone else.
         """
         with self._condition:
             events = list(self.events)
@@ -246,19 +287,42 @@ class ServerProcess:
                     "txgrace."
                 ):
                     pids.add(value)
-        return pids
+        first = self._startTime
+        if first is None:
+            return pids
+        return {p for p in pids if (_startTime(p) or first) >= first}
 
     def signal(self, signum: int, pid: int | None = None) -> None:
         """
-        Send C{signum} to C{pid} (default: the first process).
+        Send C{signum} to C{pid} (default: the process that serves now, see
+        L{servingPid}).
         """
-        os.kill(self.process.pid if pid is None else pid, signum)
+        os.kill(self.servingPid() if pid is None else pid, signum)
 
-    def wait(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float = 30.0) -> int | None:
         """
-        Wait for the first process to exit.
+        Wait for the process that serves now (see L{servingPid}) to exit.
+
+        @return: Its exit status (negative for a signal) if it is the first
+            process; L{None} if it is a successor, which is not our child,
+            so its status cannot be known.
+        @raise subprocess.TimeoutExpired: If it is still alive after
+            C{timeout} seconds.
+        """
+        pid = self.servingPid()
+        if pid == self.process.pid:
+            return self.waitFirst(timeout)
+        if not waitUntil(lambda: not isAlive(pid), timeout):
+            raise subprocess.TimeoutExpired([str(pid)], timeout)
+        return None
+
+    def waitFirst(self, timeout: float = 30.0) -> int:
+        """
+        Wait for the first process to exit, whichever process serves.
 
         @return: Its exit status (negative for a signal).
+        @raise subprocess.TimeoutExpired: If it is still alive after
+            C{timeout} seconds.
         """
         return self.process.wait(timeout)
 
@@ -275,9 +339,23 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0)
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if not waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0):
+            raise AssertionError(
+                "still alive after SIGKILL: %r" % [p for p in self.pids() if isAlive(p)]
+            )
+
+
+def _startTime(pid: int) -> int | None:
+    """
+    When C{pid} started, in clock ticks since boot, or L{None} if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def isAlive(pid: int) -> bool:
@@ -314,49 +392,143 @@ def openFDs(pid: int) -> int:
 # Load
 
 
-class _Failed(Exception):
+class RequestFailed(Exception):
+    """
+    A request got no complete response.
+
+    @ivar kind: How it failed, one of the kinds of L{LoadResult.failures}.
+    """
+
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
 
 
 _PID = re.compile(rb"pid (\d+)")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+
+
+class _Reader:
+    """
+    Reads an HTTP/1.1 response from a socket, byte-exactly: an EOF or a
+    reset says where it came.
+    """
+
+    def __init__(self, skt: socket.socket) -> None:
+        self._socket = skt
+        self._buffer = b""
+        self.received = 0
+
+    def _fill(self) -> None:
+        chunk = self._socket.recv(65536)
+        if not chunk:
+            raise EOFError()
+        self.received += len(chunk)
+        self._buffer += chunk
+
+    def until(self, delimiter: bytes) -> bytes:
+        """
+        Everything up to C{delimiter}, which is consumed too.
+        """
+        while delimiter not in self._buffer:
+            self._fill()
+        data, _, self._buffer = self._buffer.partition(delimiter)
+        return data
+
+    def exactly(self, length: int) -> bytes:
+        """
+        The next C{length} bytes.
+        """
+        while len(self._buffer) < length:
+            self._fill()
+        data, self._buffer = self._buffer[:length], self._buffer[length:]
+        return data
+
+    def rest(self) -> bytes:
+        """
+        Everything until the peer closes.
+        """
+        try:
+            while True:
+                self._fill()
+        except EOFError:
+            pass
+        data, self._buffer = self._buffer, b""
+        return data
+
+
+def _readChunked(reader: _Reader) -> bytes:
+    """
+    A C{Transfer-Encoding: chunked} body, trailers skipped.
+
+    @raise RequestFailed: C{malformed} if a chunk size is not hexadecimal or a
+        chunk does not end with CRLF.
+    """
+    body = b""
+    while True:
+        sizeLine = reader.until(b"\r\n").split(b";", 1)[0].strip()
+        if _HEX.fullmatch(sizeLine) is None:
+            raise RequestFailed("malformed")
+        size = int(sizeLine, 16)
+        if size == 0:
+            while reader.until(b"\r\n"):
+                pass
+            return body
+        body += reader.exactly(size)
+        if reader.exactly(2) != b"\r\n":
+            raise RequestFailed("malformed")
 
 
 def _readResponse(skt: socket.socket, reused: bool) -> tuple[int, bytes, bool]:
     """
-    Read one HTTP/1.1 response with a Content-Length.
+    Read one HTTP/1.1 response, framed by C{Content-Length}, by
+    C{Transfer-Encoding: chunked}, or by the end of the connection.
 
     @return: status, body, and whether the server will close the connection.
-    @raise _Failed: Saying how it failed.
+    @raise RequestFailed: Saying how it failed.
     """
-    data = b""
+    reader = _Reader(skt)
     try:
-        while b"\r\n\r\n" not in data:
-            chunk = skt.recv(65536)
-            if not chunk:
-                if data:
-                    raise _Failed("partial")
-                raise _Failed("keepalive_race" if reused else "eof_before_response")
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get(b"content-length", b"0"))
-        while len(body) < length:
-            chunk = skt.recv(65536)
-            if not chunk:
-                raise _Failed("partial")
-            body += chunk
+        head = reader.until(b"\r\n\r\n")
+    except EOFError:
+        if reader.received:
+            raise RequestFailed("partial") from None
+        raise RequestFailed("keepalive_race" if reused else "eof_before_response") from None
     except ConnectionResetError:
-        raise _Failed("keepalive_race" if reused and not data else "reset") from None
+        raise RequestFailed(
+            "keepalive_race" if reused and not reader.received else "reset"
+        ) from None
     except socket.timeout:
-        raise _Failed("timeout") from None
+        raise RequestFailed("timeout") from None
+    lines = head.split(b"\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise RequestFailed("malformed") from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
     close = headers.get(b"connection", b"").lower() == b"close"
+    try:
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            body = _readChunked(reader)
+        elif b"content-length" in headers:
+            try:
+                length = int(headers[b"content-length"])
+            except ValueError:
+                raise RequestFailed("malformed") from None
+            body = reader.exactly(length)
+        elif close and status not in (204, 304) and not 100 <= status < 200:
+            body = reader.rest()
+        else:
+            body = b""
+    except EOFError:
+        raise RequestFailed("partial") from None
+    except ConnectionResetError:
+        raise RequestFailed("reset") from None
+    except socket.timeout:
+        raise RequestFailed("timeout") from None
     return status, body, close
 
 
@@ -368,6 +540,7 @@ class LoadResult:
     @ivar ok: Requests answered with status 200.
     @ivar failures: Failed requests by kind: C{refused}, C{reset},
         C{eof_before_response}, C{keepalive_race}, C{partial}, C{timeout},
+        C{malformed} (a response that is not valid HTTP/1.1 framing),
         C{bad_status}.
     @ivar pids: How many requests each pid answered.
     """
@@ -464,14 +637,14 @@ class HTTPLoad:
                     try:
                         skt = self._connect()
                     except ConnectionRefusedError:
-                        raise _Failed("refused") from None
+                        raise RequestFailed("refused") from None
                     except socket.timeout:
-                        raise _Failed("timeout") from None
+                        raise RequestFailed("timeout") from None
                     reused = False
                 try:
                     skt.sendall(self._request)
                 except (BrokenPipeError, ConnectionResetError):
-                    raise _Failed("keepalive_race" if reused else "reset") from None
+                    raise RequestFailed("keepalive_race" if reused else "reset") from None
                 status, body, close = _readResponse(skt, reused)
                 self._count(status, body, None)
                 if close or not keepAlive:
@@ -479,7 +652,7 @@ class HTTPLoad:
                     skt = None
                 else:
                     reused = True
-            except _Failed as failure:
+            except RequestFailed as failure:
                 self._count(None, b"", failure.kind)
                 if skt is not None:
                     skt.close()
@@ -494,6 +667,8 @@ def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple
     complete.
 
     @return: Status and body.
+    @raise RequestFailed: If no complete response came.
+    @raise OSError: If the connection could not be made.
     """
     with socket.create_connection((host, port), timeout=timeout) as skt:
         skt.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii"))

@@ -16,10 +16,17 @@ import tempfile
 import threading
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from txgrace.tap import HAMMERED_EXIT_STATUS
-from txgrace.testing import ServerProcess, Serving, isAlive, slowRequest, waitUntil
+from txgrace.testing import (
+    RequestFailed,
+    ServerProcess,
+    Serving,
+    isAlive,
+    slowRequest,
+    waitUntil,
+)
 
 APP = "txgrace.test._apps.site"
 LOCAL = "grace:tcp:0:interface=127.0.0.1"
@@ -50,7 +57,7 @@ class _Background:
         return self.result
 
 
-def shortTemporaryDirectory(test: TestCase) -> str:
+def shortTemporaryDirectory(test: SynchronousTestCase) -> str:
     """
     A private directory with a short path (UNIX socket paths are limited to
     about 100 bytes), removed after the test.
@@ -123,7 +130,8 @@ class GracefulStopTests(TestCase):
         server.waitForMessage("forever begins")
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections")
-        self.assertRaises(Exception, forever.join)
+        # An aborted connection is reset (SO_LINGER 0), not closed.
+        self.assertEqual(self.assertRaises(RequestFailed, forever.join).kind, "reset")
         self.assertEqual(server.wait(), HAMMERED_EXIT_STATUS)
 
     def test_secondSignalHammers(self) -> None:
@@ -138,8 +146,32 @@ class GracefulStopTests(TestCase):
         server.waitForMessage("Draining 1 connections")
         server.signal(signal.SIGTERM)
         server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
-        self.assertRaises(Exception, forever.join)
+        self.assertEqual(self.assertRaises(RequestFailed, forever.join).kind, "reset")
         self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
+
+    def test_demoSecondSignal(self) -> None:
+        """
+        The demo's slow request, hammered by a second SIGTERM, ends without
+        an unhandled error in the log.
+        """
+        from txgrace.test.test_install import _sourceTree
+
+        server, serving = startServer(
+            self, "--app", "demo.gracedemo.site", cwd=_sourceTree()
+        )
+        with socket.create_connection(("127.0.0.1", serving.port()), timeout=30) as c:
+            c.sendall(b"GET /sleep/?duration=60s HTTP/1.1\r\nHost: x\r\n\r\n")
+            # The server has read the request, so it is sleeping.
+            self.assertTrue(waitUntil(lambda: _connectionsRead(serving.pid) == 1, 10))
+            server.signal(signal.SIGTERM)
+            server.waitForMessage("Draining 1 connections")
+            server.signal(signal.SIGTERM)
+            server.waitForMessage("Hammer: aborted 1 connections", timeout=10)
+            self.assertRaises(ConnectionResetError, c.recv, 65536)
+        self.assertEqual(server.wait(timeout=10), HAMMERED_EXIT_STATUS)
+        output = "\n".join(server.messages())
+        self.assertNotIn("Unhandled error", output)
+        self.assertNotIn("CancelledError", output)
 
     def test_pidfile(self) -> None:
         """
@@ -147,7 +179,7 @@ class GracefulStopTests(TestCase):
         """
         path = os.path.abspath(self.mktemp())
         server, serving = startServer(self, "--pidfile", path)
-        waitUntil(lambda: os.path.exists(path), 10)
+        self.assertTrue(waitUntil(lambda: os.path.exists(path), 10))
         with open(path) as f:
             self.assertEqual(f.read().strip(), str(serving.pid))
         server.signal(signal.SIGTERM)
@@ -174,7 +206,31 @@ class GracefulStopTests(TestCase):
         self.assertFalse(os.path.exists(path))
 
 
-def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _connectionsRead(pid: int) -> int:
+    """
+    How many established TCP connections (IPv4) C{pid} holds with nothing
+    left unread in them.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    with open(f"/proc/{pid}/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(
+        1
+        for row in rows
+        if row[3] == "01" and row[9] in inodes and int(row[4].split(":")[1], 16) == 0
+    )
+
+
+def runTwist(
+    *arguments: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """
     Run C{twist txgrace} to completion.
     """
@@ -184,6 +240,7 @@ def runTwist(*arguments: str, timeout: float = 60) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -206,9 +263,11 @@ class OneLineErrorMixin:
             self.assertIn(word, output)
 
 
-class CommandLineTests(OneLineErrorMixin, TestCase):
+class CommandLineTests(TestCase):
     """
-    C{twist txgrace}'s options and its one-line errors.
+    C{twist txgrace}'s options.  Its one-line errors are in
+    L{txgrace.test.test_faults.BadInputTests}, one per way of failing; every
+    message is checked in L{txgrace.test.test_units}.
     """
 
     def test_help(self) -> None:
@@ -226,62 +285,6 @@ class CommandLineTests(OneLineErrorMixin, TestCase):
             "--restart-signal",
         ):
             self.assertIn(option, result.stdout)
-
-    def test_endpointWithoutPrefix(self) -> None:
-        """
-        An endpoint without C{grace:} is refused, naming it.
-        """
-        result = runTwist("--endpoint", "tcp:8080", "--app", APP)
-        self.assertOneLineError(result, "'tcp:8080'", "grace:")
-
-    def test_unsupportedEndpoint(self) -> None:
-        """
-        An inner type we do not support is refused, quoting the string.
-        """
-        result = runTwist("--endpoint", "grace:udp:53", "--app", APP)
-        self.assertOneLineError(result, "'grace:udp:53'")
-
-    def test_missingModule(self) -> None:
-        """
-        C{--app} naming a missing module.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "no_such_module_x.site")
-        self.assertOneLineError(result, "no module named 'no_such_module_x'")
-
-    def test_missingAttribute(self) -> None:
-        """
-        C{--app} naming a missing attribute.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps:nothing")
-        self.assertOneLineError(result, "has no attribute 'nothing'")
-
-    def test_wrongType(self) -> None:
-        """
-        C{--app} naming something that cannot be served.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", "txgrace.test._apps.log")
-        self.assertOneLineError(result, "is not a Site")
-
-    def test_portTaken(self) -> None:
-        """
-        A port that is taken ends the program with the address in the line.
-        """
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        result = runTwist(
-            "--endpoint", f"grace:tcp:{port}:interface=127.0.0.1", "--app", APP
-        )
-        self.assertOneLineError(result, f"127.0.0.1:{port}")
-
-    def test_badTimeout(self) -> None:
-        """
-        A timeout that is not a number is refused, naming the option.
-        """
-        result = runTwist("--endpoint", LOCAL, "--app", APP, "--hammer-timeout", "soon")
-        self.assertOneLineError(result, "--hammer-timeout", "'soon'")
 
     def test_appAsResourceAndColon(self) -> None:
         """

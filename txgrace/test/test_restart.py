@@ -78,7 +78,7 @@ class RestartTests(TestCase):
         self.assertTrue(set(result.pids) <= set(pids))
         self.assertIn(pids[-1], result.pids)
         self.assertGreater(result.ok, 100)
-        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.waitFirst(), 0)
         # Every generation listened on the same two ports.
         for g in generations:
             self.assertEqual(g.addresses, serving.addresses)
@@ -145,7 +145,7 @@ class RestartTests(TestCase):
         os.kill(serving.pid, signal.SIGUSR2)
         successor = server.waitServing(2)
         server.waitForMessage("Restart refused: successor pid .* is still starting")
-        waitUntil(lambda: not isAlive(serving.pid), 30)
+        self.assertTrue(waitUntil(lambda: not isAlive(serving.pid), 30))
         started = [m for m in server.messages() if "Started successor pid" in m]
         self.assertEqual(len(started), 1)
         self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
@@ -182,7 +182,7 @@ class RestartTests(TestCase):
         status, body = slow.join()
         self.assertEqual(status, 200)
         self.assertIn(f"from pid {serving.pid}".encode(), body)
-        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.waitFirst(), 0)
 
     def test_fdsStableOverGenerations(self) -> None:
         """
@@ -222,7 +222,7 @@ class RestartTests(TestCase):
         self.assertTrue(reloading[1].startswith("MONOTONIC_USEC="))
         successor = server.waitServing(2)
         self.assertEqual(receive(), [f"MAINPID={successor.pid}", "READY=1"])
-        waitUntil(lambda: not isAlive(serving.pid), 30)
+        self.assertTrue(waitUntil(lambda: not isAlive(serving.pid), 30))
         server.signal(signal.SIGTERM, successor.pid)
         self.assertEqual(receive(), ["STOPPING=1"])
 
@@ -233,7 +233,7 @@ class RestartTests(TestCase):
         """
         path = os.path.abspath(self.mktemp())
         server, serving = startServer(self, "--pidfile", path)
-        waitUntil(lambda: os.path.exists(path), 10)
+        self.assertTrue(waitUntil(lambda: os.path.exists(path), 10))
         successor = restart(server, serving)
         with open(path) as f:
             self.assertEqual(f.read().strip(), str(successor.pid))

@@ -9,11 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -31,16 +29,7 @@ from txgrace.adopt import SocketRegistry
 from txgrace.pidfile import checkPidFileLocation, removePidFile, writePidFile
 from txgrace.service import GraceService, RestartRefused
 from txgrace.tap import AppError, Options, loadApp
-
-
-def temporaryDirectory(case: SynchronousTestCase) -> str:
-    """
-    A fresh directory under the system's temporary directory (short enough
-    for a UNIX socket path), removed after C{case}.
-    """
-    path = tempfile.mkdtemp(prefix="txgrace-test-")
-    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
+from txgrace.test.test_process import shortTemporaryDirectory
 
 
 class PidFileTests(SynchronousTestCase):
@@ -49,7 +38,7 @@ class PidFileTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = temporaryDirectory(self)
+        self.directory = shortTemporaryDirectory(self)
         self.path = os.path.join(self.directory, "app.pid")
 
     def read(self, path: str) -> str:
@@ -165,7 +154,7 @@ class NotifyTests(SynchronousTestCase):
         The assignments go, joined by newlines, in one datagram to the path
         in C{NOTIFY_SOCKET}.
         """
-        path = os.path.join(temporaryDirectory(self), "notify")
+        path = os.path.join(shortTemporaryDirectory(self), "notify")
         skt = self.listen(path)
         self.assertTrue(sdnotify.notify("A=1", "B=2", environ={"NOTIFY_SOCKET": path}))
         self.assertEqual(skt.recv(4096), b"A=1\nB=2")
@@ -188,7 +177,7 @@ class NotifyTests(SynchronousTestCase):
         Without C{NOTIFY_SOCKET}, nothing is sent and C{notify} returns
         C{False}.
         """
-        path = os.path.join(temporaryDirectory(self), "notify")
+        path = os.path.join(shortTemporaryDirectory(self), "notify")
         skt = self.listen(path)
         self.assertFalse(sdnotify.notify("READY=1", environ={}))
         self.assertFalse(sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": ""}))
@@ -199,7 +188,7 @@ class NotifyTests(SynchronousTestCase):
         A socket path where nobody listens (missing, or bound by a socket
         since closed) makes C{notify} return C{False}, without raising.
         """
-        directory = temporaryDirectory(self)
+        directory = shortTemporaryDirectory(self)
         missing = os.path.join(directory, "missing")
         self.assertFalse(sdnotify.notify("A=1", environ={"NOTIFY_SOCKET": missing}))
         stale = os.path.join(directory, "stale")
@@ -254,7 +243,7 @@ class LoadAppTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        directory = temporaryDirectory(self)
+        directory = shortTemporaryDirectory(self)
         self.package = "txgrace_testapp_" + uuid.uuid4().hex
         packageDir = os.path.join(directory, self.package)
         os.mkdir(packageDir)
@@ -553,7 +542,7 @@ class OptionsTests(SynchronousTestCase):
         """
         A pidfile in an existing directory is accepted.
         """
-        path = os.path.join(temporaryDirectory(self), "x.pid")
+        path = os.path.join(shortTemporaryDirectory(self), "x.pid")
         options = self.parse(
             "--endpoint", "grace:tcp:0", "--app", "x.y", "--pidfile", path
         )
