@@ -50,6 +50,11 @@ class Settings:
     @ivar shutdownDelay: Seconds to go on serving after a stop signal before
         the drain begins, for load balancers that stop routing only when the
         signal is sent (Kubernetes).
+    @ivar drainRate: How many long-lived connections (websockets, other
+        L{txgrace.IDrainable} protocols) a drain asks to close per second, so
+        that the successor is not hit by every reconnect at once; C{0} asks
+        them all at once.  Requests in flight and idle HTTP connections are
+        never paced.
     @ivar probation: Seconds after a handover during which this process
         keeps its copies of the sockets (not accepting), to serve again if
         its successor dies; it keeps them as long as its drain lasts in any
@@ -62,6 +67,7 @@ class Settings:
     restartSignals: tuple[int, ...] = field(default=DEFAULT_RESTART_SIGNALS)
     shutdownDelay: float = 0.0
     probation: float = 0.0
+    drainRate: float = 500.0
 
 
 ENVIRONMENT = {
@@ -71,6 +77,7 @@ ENVIRONMENT = {
     "restartSignals": "TXGRACE_RESTART_SIGNALS",
     "shutdownDelay": "TXGRACE_SHUTDOWN_DELAY",
     "probation": "TXGRACE_PROBATION",
+    "drainRate": "TXGRACE_DRAIN_RATE",
 }
 """
 The environment variable of each setting.
@@ -101,6 +108,21 @@ def parseSeconds(source: str, value: str, allowNegative: bool = False) -> float:
     if seconds < 0 and not allowNegative:
         raise SettingError(f"{_given(source, value)}: must be 0 or more seconds")
     return seconds
+
+
+def parseRate(source: str, value: str) -> float:
+    """
+    Parse a number of closes per second (C{0}: no limit).
+
+    @raise SettingError: If it is not a finite number of 0 or more.
+    """
+    try:
+        rate = float(value)
+    except ValueError:
+        raise SettingError(f"{_given(source, value)}: not a number per second") from None
+    if not math.isfinite(rate) or rate < 0:
+        raise SettingError(f"{_given(source, value)}: must be 0 (no limit) or more per second")
+    return rate
 
 
 def parseSignal(source: str, name: str) -> int:
@@ -155,6 +177,8 @@ def parsePidFile(source: str, value: str) -> str:
 def _fromText(key: str, source: str, text: str) -> Any:
     if key == "hammerTimeout":
         return parseSeconds(source, text, allowNegative=True)
+    if key == "drainRate":
+        return parseRate(source, text)
     if key in ("readyTimeout", "shutdownDelay", "probation"):
         return parseSeconds(source, text)
     if key == "pidFile":

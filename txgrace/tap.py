@@ -30,6 +30,7 @@ from txgrace.service import GraceService
 from txgrace.settings import (
     SettingError,
     parsePidFile,
+    parseRate,
     parseSeconds,
     parseSignal,
 )
@@ -184,7 +185,7 @@ class Options(usage.Options):
         "the same command and the same sockets, and this process drains and "
         "exits once the successor is ready.  Unset options come from "
         "TXGRACE_HAMMER_TIMEOUT, TXGRACE_READY_TIMEOUT, TXGRACE_PIDFILE, "
-        "TXGRACE_RESTART_SIGNALS, TXGRACE_SHUTDOWN_DELAY and TXGRACE_PROBATION."
+        "TXGRACE_RESTART_SIGNALS, TXGRACE_SHUTDOWN_DELAY, TXGRACE_PROBATION and TXGRACE_DRAIN_RATE."
     )
 
     optParameters = [
@@ -232,6 +233,13 @@ class Options(usage.Options):
             "Answer health checks at this path (such as /healthz): 200 while "
             "serving, 503 while not ready and from the moment a stop begins "
             "(through --shutdown-delay). Needs a twisted.web app.",
+        ],
+        [
+            "drain-rate",
+            None,
+            None,
+            "How many long-lived connections (websockets, IDrainable protocols) "
+            "a drain asks to close per second; 0 asks all at once (default 500).",
         ],
         [
             "probation",
@@ -336,6 +344,8 @@ class Options(usage.Options):
                     self[option] = parseSeconds(
                         f"--{option}", self[option], allowNegative
                     )
+            if self["drain-rate"] is not None:
+                self["drain-rate"] = parseRate("--drain-rate", self["drain-rate"])
             if self["pidfile"] is not None:
                 self["pidfile"] = parsePidFile("--pidfile", self["pidfile"])
         except SettingError as e:
@@ -365,6 +375,7 @@ class Options(usage.Options):
             "restartSignals": self["restart-signals"] or None,
             "shutdownDelay": self["shutdown-delay"],
             "probation": self["probation"],
+            "drainRate": self["drain-rate"],
         }
         return {key: value for key, value in given.items() if value is not None}
 
