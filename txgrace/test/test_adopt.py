@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from txgrace import adopt
 from txgrace.adopt import (
     GraceTCPPort,
     GraceUNIXPort,
@@ -348,3 +349,17 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         self.assertEqual(len(registry.connections) + len(otherRegistry.connections), 10)
         self.assertGreaterEqual(len(registry.connections), 1)
         self.assertGreaterEqual(len(otherRegistry.connections), 1)
+
+    async def test_giveUpUnderEndlessArrivals(self) -> None:
+        """
+        On a socket where connections never stop arriving (here: where
+        something always looks queued), C{acceptBacklog} gives up after
+        L{adopt.ACCEPT_BACKLOG_SECONDS}, so a final stop still ends.
+        """
+        registry, port, address = await self.queued(2, limit=1)
+        self.patch(adopt, "ACCEPT_BACKLOG_SECONDS", 0.2)
+        self.patch(adopt, "_hasQueued", lambda fd: True)
+        started = reactor.seconds()
+        await port.acceptBacklog()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.2)
+        self.assertEqual(len(registry.connections), 2)
