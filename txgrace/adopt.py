@@ -376,7 +376,7 @@ class _GracePort:
     _backlog: Deferred[None] | None = None
 
     def startReading(self) -> None:
-        if self.registry.accepting or self._backlog is not None:
+        if self.registry.accepting:
             super().startReading()  # type: ignore[misc]
 
     def doRead(self) -> Any:
@@ -400,13 +400,15 @@ class _GracePort:
         accept: the final stop of a process, or every worker of a master
         that is stopping (the workers then share what is queued).  A worker
         that retires while others go on serving must not: what is queued
-        is theirs to accept.  It accepts even while accepting is paused.
+        is theirs to accept.  While accepting is paused (the process is not
+        ready) it takes nothing: a successor that failed before it was
+        ready leaves the queue to its predecessor.
 
         @return: A Deferred that fires once nothing is queued.
         """
         if self._backlog is None:
             self._backlog = Deferred()
-            if getattr(self, "connected", False):
+            if getattr(self, "connected", False) and self.registry.accepting:
                 self.startReading()
                 self._checkBacklog(self.reactor.seconds() + ACCEPT_BACKLOG_SECONDS)
             else:

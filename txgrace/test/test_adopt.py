@@ -262,8 +262,8 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         self, count: int, limit: int | None
     ) -> tuple[SocketRegistry, GraceTCPPort, tuple[str, int]]:
         """
-        A TCP port that is not accepting yet, with C{count} connections
-        queued on its socket.
+        A TCP port that is not accepting yet (its process is not ready),
+        with C{count} connections queued on its socket.
         """
         registry = _registry()
         registry.acceptLimit = limit
@@ -283,6 +283,7 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         """
         registry, port, address = await self.queued(6, limit=1)
         counts = self.countAccepts(port, registry)
+        registry.resumeAccepting()
         await port.acceptBacklog()
         self.assertEqual(len(registry.connections), 6)
         self.assertEqual(max(counts), 1)
@@ -294,6 +295,7 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         it) stops the port only once the queue is empty.
         """
         registry, port, address = await self.queued(5, limit=1)
+        registry.resumeAccepting()
         port.acceptBacklog()
         await port.stopListening()
         self.assertFalse(port.connected)
@@ -304,9 +306,33 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         With nothing queued, C{acceptBacklog} is done at once.
         """
         registry, port, address = await self.queued(0, limit=1)
+        registry.resumeAccepting()
         d = port.acceptBacklog()
-        await d
+        self.assertIsNone(self.successResultOf(d))
         self.assertEqual(registry.connections, set())
+
+    async def test_notReadyTakesNothing(self) -> None:
+        """
+        A port whose process is not ready (accepting paused: a successor
+        whose readiness failed) takes nothing from the queue, and leaves it
+        to the process still serving on the socket.
+        """
+        registry, port, address = await self.queued(3, limit=1)
+        serving = socket.socket(fileno=os.dup(port.fileno()))
+        self.addCleanup(serving.close)
+        d = port.acceptBacklog()
+        self.assertIsNone(self.successResultOf(d))
+        await port.stopListening()
+        self.assertEqual(registry.connections, set())
+        accepted = []
+        while True:
+            try:
+                connection, _ = serving.accept()
+            except BlockingIOError:
+                break
+            accepted.append(connection)
+            connection.close()
+        self.assertEqual(len(accepted), 3)
 
     async def test_retiringWithoutBacklogLeavesQueue(self) -> None:
         """
@@ -341,6 +367,7 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         otherRegistry.pauseAccepting()
         other = await self.adopt(otherRegistry, "web", socket.AF_INET, address)
         otherRegistry.resumeAccepting()
+        registry.resumeAccepting()
         await port.acceptBacklog()
         for _ in range(100):
             if len(registry.connections) + len(otherRegistry.connections) == 10:
@@ -360,6 +387,7 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
         self.patch(adopt, "ACCEPT_BACKLOG_SECONDS", 0.2)
         self.patch(adopt, "_hasQueued", lambda fd: True)
         started = reactor.seconds()
+        registry.resumeAccepting()
         await port.acceptBacklog()
         self.assertGreaterEqual(reactor.seconds() - started, 0.2)
         self.assertEqual(len(registry.connections), 2)
