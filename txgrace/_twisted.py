@@ -183,6 +183,15 @@ def listenFDNames(listenFDs: systemd.ListenFDs) -> list[str]:
     return list(getattr(listenFDs, "_names", ()))
 
 
+# -- Public-named internals -------------------------------------------------
+#
+# Not underscored, so not routed here, but undocumented, and txgrace.adopt
+# builds on them (all present in 24.7.0 and 26.10.0): tcp.Port.doRead and
+# its numberAccepts batch size, tcp.Port.connectionLost, the ports'
+# transport class attribute with tcp.Server's constructor (skt, protocol,
+# client, server, sessionno, reactor), unix.Port's mode and backlog
+# attributes, and the port's connected and disconnecting flags.
+
 # -- Checking ---------------------------------------------------------------
 
 OTHER_MODULES = {
