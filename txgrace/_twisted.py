@@ -1,13 +1,198 @@
 # -*- test-case-name: txgrace.test.test_twisted -*-
 """
-Every private Twisted name txgrace uses, in one place, each with what it is
-for and which Twisted versions have it.  A Twisted upgrade that drops one
-fails C{txgrace.test.test_twisted}.
+Every private Twisted name that txgrace uses, in one place.
+
+Each name is a liability: Twisted may rename or drop it in any release.  So
+every use goes through this module, each with a comment saying what it is
+for and which Twisted releases have it (each was checked in the source of
+24.7.0, the oldest that C{pyproject.toml} allows, and of 26.10.0), and L{missingNames} lists the ones
+the installed Twisted lacks; C{txgrace.test.test_twisted} fails on any.
+
+Names used by modules this one does not cover yet are listed in
+L{OTHER_MODULES}.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import tcp, unix
+from twisted.python import systemd
+
+# Neither twisted.internet.endpoints (importing it reads and deletes
+# LISTEN_FDS) nor twisted.web is imported here at module level: each is
+# imported where it is needed.
+
+_PortClass = TypeVar("_PortClass", bound=type)
+
+# -- Listening ports --------------------------------------------------------
+
+
+def tcpPortFromDescriptor(
+    portClass: type[tcp.Port], reactor: Any, fd: int, family: int, factory: Any
+) -> Any:
+    """
+    Make an instance of C{portClass} (a L{tcp.Port} subclass) that listens on
+    a dup of the listening socket C{fd}.
+    """
+    # tcp.Port._fromListeningDescriptor (classmethod): what the public
+    # reactor.adoptStreamPort calls, but that makes a plain tcp.Port, and
+    # txgrace needs its own subclass (tracked connections, accept limit).
+    # Present with this signature in 24.7.0 and 26.10.0; believed since 10.1
+    # (when adoptStreamPort came).
+    return portClass._fromListeningDescriptor(  # type: ignore[attr-defined]
+        reactor, fd, family, factory
+    )
+
+
+def unixPortFromDescriptor(
+    portClass: type[unix.Port], reactor: Any, fd: int, factory: Any
+) -> Any:
+    """
+    Make an instance of C{portClass} (a L{unix.Port} subclass) that listens
+    on a dup of the listening UNIX socket C{fd}.
+    """
+    # unix.Port._fromListeningDescriptor (classmethod): as above, for UNIX
+    # ports.  Present with this signature in 24.7.0 and 26.10.0.
+    return portClass._fromListeningDescriptor(  # type: ignore[attr-defined]
+        reactor, fd, factory
+    )
+
+
+def withoutShutdown(portClass: _PortClass) -> _PortClass:
+    """
+    Class decorator: ports of C{portClass} never C{shutdown()} their socket
+    when they stop, which would stop it for every process holding a copy.
+    """
+    # tcp._SocketCloser._shouldShutdown (class attribute, read in
+    # _closeSocket): adopted TCP ports already set it False; adopted UNIX
+    # ports do not.  Present in 24.7.0 and 26.10.0; believed since 10.1.
+    setattr(portClass, "_shouldShutdown", False)
+    return portClass
+
+
+# -- HTTP -------------------------------------------------------------------
+
+
+def wrappedHTTPChannel(protocol: Any) -> Any:
+    """
+    The channel inside Twisted's HTTP/1.1-or-HTTP/2 switch (what
+    L{http.HTTPFactory.buildProtocol} returns), or L{None} for any other
+    protocol.
+    """
+    # http._GenericHTTPChannelProtocol._channel: the HTTPChannel, or the
+    # H2Connection once ALPN chose h2.  No public accessor.  Present in
+    # 24.7.0 and 26.10.0; believed since 16.3 (HTTP/2 support).
+    from twisted.web import http
+
+    if isinstance(protocol, http._GenericHTTPChannelProtocol):
+        return protocol._channel
+    return None
+
+
+def unparsedBytes(channel: Any) -> bytes:
+    """
+    The bytes an HTTP/1.1 channel received but has not parsed into a line
+    yet: a request line that is still arriving.
+    """
+    # basic.LineReceiver._buffer (HTTPChannel is a LineReceiver): there is
+    # no public way to see a partial line.  Present in 24.7.0 and 26.10.0
+    # (and long before): a class attribute, then an instance attribute once
+    # data arrived.
+    return bytes(getattr(channel, "_buffer", b""))
+
+
+def h2ConnectionClass() -> type | None:
+    """
+    Twisted's server-side HTTP/2 protocol class, or L{None} when h2 is not
+    installed.
+    """
+    # twisted.web._http2.H2Connection: a private module, imported only
+    # when h2 is installed.  Its public-named attributes conn (the h2
+    # connection), streams (open stream id -> H2Stream) and transport are
+    # used too.  Present in 24.7.0 and 26.10.0; believed since 16.3.
+    try:
+        from twisted.web._http2 import H2Connection
+    except ImportError:
+        return None
+    return H2Connection
+
+
+H2_STREAM_EVENTS = {
+    # H2Connection._requestReceived(event): a stream's headers arrived; it
+    # makes the request.
+    "received": "_requestReceived",
+    # H2Connection._requestDataReceived(event): body data for a stream.
+    "data": "_requestDataReceived",
+    # H2Connection._requestEnded(event): the client ended its side.
+    "ended": "_requestEnded",
+}
+"""
+The H2Connection methods that its C{dataReceived} calls, looked up on the
+instance, for each stream event a drain must filter.  All three present in
+24.7.0 and 26.10.0; believed since 16.3.
+"""
+
+
+def h2StreamHandler(h2: Any, event: str) -> Callable[[Any], None]:
+    """
+    The handler C{h2} (an H2Connection) calls for the stream event C{event},
+    a key of L{H2_STREAM_EVENTS}.
+    """
+    handler: Callable[[Any], None] = getattr(h2, H2_STREAM_EVENTS[event])
+    return handler
+
+
+def setH2StreamHandler(h2: Any, event: str, handler: Callable[[Any], None]) -> None:
+    """
+    Make C{h2} call C{handler} for the stream event C{event} from now on.
+    """
+    h2.__dict__[H2_STREAM_EVENTS[event]] = handler
+
+
+# -- systemd ----------------------------------------------------------------
+
+
+def systemdParserDescriptors() -> systemd.ListenFDs | None:
+    """
+    The L{systemd.ListenFDs} that Twisted's C{systemd:} endpoint parser read
+    from the environment when L{twisted.internet.endpoints} was imported
+    first (it deletes C{LISTEN_PID} and C{LISTEN_FDS} as it does).
+    """
+    # endpoints._SystemdParser._sddaemon (class attribute set at import):
+    # the only copy of those descriptors once the variables are gone.
+    # Present in 24.7.0 and 26.10.0.  An older _sddaemon that is not a
+    # ListenFDs is treated as absent.
+    from twisted.internet import endpoints
+
+    parser = getattr(endpoints, "_SystemdParser", None)
+    listenFDs = getattr(parser, "_sddaemon", None)
+    if isinstance(listenFDs, systemd.ListenFDs):
+        return listenFDs
+    return None
+
+
+def listenFDNames(listenFDs: systemd.ListenFDs) -> list[str]:
+    """
+    The names (C{LISTEN_FDNAMES}) of C{listenFDs}'s descriptors, in order;
+    empty when it has none.
+    """
+    # ListenFDs._names (an attrs field): inheritedNamedDescriptors() is
+    # public but loses the order and any repeated name.  Present in 24.7.0
+    # and 26.10.0.
+    return list(getattr(listenFDs, "_names", ()))
+
+
+# -- Public-named internals -------------------------------------------------
+#
+# Not underscored, so not routed here, but undocumented, and txgrace.adopt
+# builds on them (all present in 24.7.0 and 26.10.0): tcp.Port.doRead and
+# its numberAccepts batch size, tcp.Port.connectionLost, the ports'
+# transport class attribute with tcp.Server's constructor (skt, protocol,
+# client, server, sessionno, reactor), unix.Port's mode and backlog
+# attributes, and the port's connected and disconnecting flags.
+
+# -- Services and websockets ------------------------------------------------
 
 
 def raiseListenFailuresSynchronously(service: Any) -> None:
@@ -27,11 +212,89 @@ def websocketWireProtocolClass() -> Any:
     The class of the protocol that Twisted's C{WebSocketResource} upgrades
     an HTTP channel to, so that the drain can close it with code 1001.
 
-    C{twisted.web._websocket_impl._WebSocketWireProtocol}: Twisted 24.10
-    and later (the module needs C{wsproto}).
+    C{twisted.web._websocket_impl._WebSocketWireProtocol}: in the Twisted
+    releases that have C{twisted.web.websocket} (checked in 26.10.0; the
+    module needs C{wsproto}).
     """
     try:
         from twisted.web._websocket_impl import _WebSocketWireProtocol
     except ImportError:
         return None
     return _WebSocketWireProtocol
+
+
+# -- Checking ---------------------------------------------------------------
+
+OTHER_MODULES = {
+    "txgrace/master.py": [
+        # twisted.internet.process.reapProcessHandlers: the pids Twisted
+        # reaps itself (not underscored, but not documented either).
+        "twisted.internet.process.reapProcessHandlers",
+    ],
+}
+"""
+Private or undocumented Twisted names used outside this module, by modules
+that do not route them here yet.
+"""
+
+
+def _privateNames() -> list[tuple[str, object, str]]:
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet import endpoints
+    from twisted.web import http
+
+    names: list[tuple[str, object, str]] = [
+        ("tcp.Port._fromListeningDescriptor", tcp.Port, "_fromListeningDescriptor"),
+        ("unix.Port._fromListeningDescriptor", unix.Port, "_fromListeningDescriptor"),
+        ("tcp.Port._shouldShutdown", tcp.Port, "_shouldShutdown"),
+        ("unix.Port._shouldShutdown", unix.Port, "_shouldShutdown"),
+        ("http._GenericHTTPChannelProtocol", http, "_GenericHTTPChannelProtocol"),
+        ("http.HTTPChannel._buffer", http.HTTPChannel, "_buffer"),
+        ("endpoints._SystemdParser", endpoints, "_SystemdParser"),
+        (
+            "StreamServerEndpointService._raiseSynchronously",
+            StreamServerEndpointService,
+            "_raiseSynchronously",
+        ),
+        (
+            "endpoints._SystemdParser._sddaemon",
+            getattr(endpoints, "_SystemdParser", None),
+            "_sddaemon",
+        ),
+    ]
+    h2 = h2ConnectionClass()
+    if h2 is not None:
+        for name in H2_STREAM_EVENTS.values():
+            names.append((f"_http2.H2Connection.{name}", h2, name))
+    return names
+
+
+def missingNames() -> list[str]:
+    """
+    The private Twisted names used here that the installed Twisted lacks.
+    """
+    from twisted.web import http
+
+    missing = [
+        label for label, owner, name in _privateNames() if not hasattr(owner, name)
+    ]
+    # Instance attributes: look at an instance made the public way.
+    if not hasattr(systemd.ListenFDs([]), "_names"):
+        missing.append("systemd.ListenFDs._names")
+    if not hasattr(http.HTTPFactory().buildProtocol(None), "_channel"):
+        missing.append("http._GenericHTTPChannelProtocol._channel")
+    if h2ConnectionClass() is None:
+        try:
+            import h2  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            missing.append("twisted.web._http2.H2Connection")
+    if websocketWireProtocolClass() is None:
+        try:
+            import wsproto  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            missing.append("twisted.web._websocket_impl._WebSocketWireProtocol")
+    return missing

@@ -1,4 +1,4 @@
-# -*- test-case-name: txgrace.test.test_endpoints -*-
+# -*- test-case-name: txgrace.test.test_adopt,txgrace.test.test_endpoints -*-
 """
 Where every grace socket is adopted.
 
@@ -17,6 +17,7 @@ sockets.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import stat
 import struct
@@ -24,15 +25,26 @@ import sys
 from typing import Any, Callable, Iterable
 
 from twisted.internet import tcp, unix
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgrace._twisted import (
+    tcpPortFromDescriptor,
+    unixPortFromDescriptor,
+    withoutShutdown,
+)
 from txgrace.inherit import InheritedSocket, inheritSockets, normalizeAddress
 
 log = Logger()
+
+ACCEPT_BACKLOG_SECONDS = 5.0
+"""
+The longest L{_GracePort.acceptBacklog} goes on accepting, for a socket that
+new connections keep arriving on.
+"""
 
 
 class SocketRegistry:
@@ -45,8 +57,16 @@ class SocketRegistry:
 
     @ivar ports: Listening grace ports by key, in the order they started.
     @ivar connections: Every open connection accepted through a grace port.
-    @ivar handingOver: C{True} once a successor has taken over the sockets:
-        stopping a port must then leave UNIX socket paths in place.
+    @ivar handingOver: C{True} when this stop is not the final one: a
+        successor or this worker's master keeps the sockets.  Stopping a
+        port then leaves UNIX socket paths in place.
+    @ivar ownsInherited: C{True} once this process owns the UNIX socket
+        paths it inherited, so that its final stop removes them.  A process
+        always owns the paths it bound itself; an inherited path belongs to
+        whoever serves on it.  The lifecycle sets this once this process is
+        the serving process (its predecessor handed over to it), and never
+        in a master's worker (the master owns them) nor in a successor that
+        is still starting (its predecessor still serves on them).
     @ivar acceptLimit: The most connections a port accepts per wakeup, or
         L{None} for Twisted's adaptive batch.  Workers sharing one socket
         use 1: with batches, the first worker to wake takes every queued
@@ -66,6 +86,7 @@ class SocketRegistry:
         self.ports: dict[str, Any] = {}
         self.connections: set[Any] = set()
         self.handingOver = False
+        self.ownsInherited = False
         self.acceptLimit: int | None = None
         self.accepting = True
         self._connectionLostObservers: list[Callable[[Any], None]] = []
@@ -349,7 +370,10 @@ class _GracePort:
     registry: SocketRegistry
     key: str
     factory: Any
+    reactor: Any
     numberAccepts: int
+    fileno: Callable[[], int]
+    _backlog: Deferred[None] | None = None
 
     def startReading(self) -> None:
         if self.registry.accepting:
@@ -361,14 +385,72 @@ class _GracePort:
             self.numberAccepts = limit
         return super().doRead()  # type: ignore[misc]
 
-    def acceptBacklog(self) -> None:
+    def acceptBacklog(self) -> Deferred[None]:
         """
-        Accept every connection already queued on the socket, before a final
-        stop closes it and the kernel resets them.
+        Accept the connections queued on the socket, before a final stop
+        closes it and the kernel resets them.
+
+        The port goes on accepting as usual, at most
+        L{SocketRegistry.acceptLimit} connections per wakeup, until the
+        socket has nothing queued (or L{ACCEPT_BACKLOG_SECONDS} have
+        passed); L{stopListening} waits for that.  Other processes reading
+        the same socket meanwhile take their share, as they always do.
+
+        Call it only where this process's copy is the last one that will
+        accept: the final stop of a process, or every worker of a master
+        that is stopping (the workers then share what is queued).  A worker
+        that retires while others go on serving must not: what is queued
+        is theirs to accept.  While accepting is paused (the process is not
+        ready) it takes nothing: a successor that failed before it was
+        ready leaves the queue to its predecessor.
+
+        @return: A Deferred that fires once nothing is queued.
         """
-        if getattr(self, "connected", False):
-            self.numberAccepts = 1 << 16
-            super().doRead()  # type: ignore[misc]
+        if self._backlog is None:
+            self._backlog = Deferred()
+            if getattr(self, "connected", False) and self.registry.accepting:
+                self.startReading()
+                self._checkBacklog(self.reactor.seconds() + ACCEPT_BACKLOG_SECONDS)
+            else:
+                self._backlog.callback(None)
+        done: Deferred[None] = Deferred()
+        self._backlog.addBoth(lambda result: done.callback(None))
+        return done
+
+    def _checkBacklog(self, deadline: float) -> None:
+        assert self._backlog is not None
+        if getattr(self, "connected", False) and not getattr(
+            self, "disconnecting", False
+        ):
+            if _hasQueued(self.fileno()):
+                if self.reactor.seconds() < deadline:
+                    # The reactor accepts (within the limit) before this runs
+                    # again.
+                    self.reactor.callLater(0, self._checkBacklog, deadline)
+                    return
+                log.warn(
+                    "Still connections queued on {key} after {seconds}s: "
+                    "closing it",
+                    key=self.key,
+                    seconds=ACCEPT_BACKLOG_SECONDS,
+                )
+        if not self._backlog.called:
+            self._backlog.callback(None)
+
+    def stopListening(self) -> Any:
+        """
+        Stop listening, once L{acceptBacklog} (if it was called) is done.
+        """
+        stopListening: Callable[[], Any] = super().stopListening  # type: ignore[misc]
+        if self._backlog is not None and not self._backlog.called:
+            stopped: Deferred[None] = Deferred()
+
+            def stop(ignored: object) -> None:
+                maybeDeferred(stopListening).chainDeferred(stopped)
+
+            self._backlog.addCallback(stop)
+            return stopped
+        return stopListening()
 
     def _closed(self, reason: Failure, connectionLost: Callable[..., None]) -> None:
         """
@@ -383,6 +465,15 @@ class _GracePort:
             connectionLost(self, reason)
         finally:
             self.factory = factory
+
+
+def _hasQueued(fd: int) -> bool:
+    """
+    Whether the listening socket C{fd} has a connection waiting in its queue.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _StopLater:
@@ -402,7 +493,7 @@ class _StopLater:
         return getattr(self._factory, name)
 
 
-class GraceTCPPort(_GracePort, tcp.Port):
+class GraceTCPPort(_GracePort, tcp.Port):  # type: ignore[misc]
     """
     An adopted TCP port.  Adopted TCP ports never C{shutdown()} the socket.
     """
@@ -413,25 +504,83 @@ class GraceTCPPort(_GracePort, tcp.Port):
         self._closed(reason, tcp.Port.connectionLost)
 
 
-class GraceUNIXPort(_GracePort, unix.Port):
+@withoutShutdown
+class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
     """
     An adopted UNIX port that shares its socket safely: it never
     C{shutdown()}s the socket, keeps the socket file's mode, and removes the
-    path only on a final stop, never while handing over.
+    path only if this process owns it (see L{SocketRegistry.ownsInherited})
+    and only on a final stop, never while handing over.
+
+    @ivar path: The socket file's path, or L{None} for an abstract or
+        unnamed socket.
+    @ivar boundHere: Whether this process bound the path itself, rather
+        than inheriting the socket.
     """
 
     transport = TrackedUNIXServer
-    _shouldShutdown = False
+    path: str | None = None
+    boundHere = False
+    _identity: tuple[int, int] | None = None
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self.registry.handingOver:
-            path = os.fsdecode(self._bindPath)
-            if path and not path.startswith("\0"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if self.path is not None and _mayUnlink(
+            self.registry, self.boundHere, final=not self.registry.handingOver
+        ):
+            _unlinkSocketFile(self.path, self._identity)
         self._closed(reason, tcp.Port.connectionLost)
+
+
+def _mayUnlink(registry: SocketRegistry, boundHere: bool, final: bool) -> bool:
+    """
+    Whether a process may remove a UNIX socket path as its copy closes: only
+    on a final stop, and only if it bound the path or owns what it
+    inherited.
+    """
+    return final and (boundHere or registry.ownsInherited)
+
+
+def _filesystemPath(address: object) -> str | None:
+    """
+    The path of a UNIX socket address from C{getsockname()}, or L{None} if it
+    has none in the filesystem (abstract or unnamed).
+    """
+    if isinstance(address, bytes):
+        if not address or address.startswith(b"\0"):
+            return None
+        return os.fsdecode(address)
+    if isinstance(address, str) and address and not address.startswith("\0"):
+        return address
+    return None
+
+
+def _fileIdentity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
+
+
+def _unlinkSocketFile(path: str, identity: tuple[int, int] | None) -> None:
+    """
+    Remove the socket file at C{path}, unless it is no longer the file that
+    this socket is bound to (C{identity}: its device and inode when the
+    socket was taken), or no longer a socket.
+    """
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(status.st_mode) or (
+        identity is not None and (status.st_dev, status.st_ino) != identity
+    ):
+        log.info("Not removing {path}: another file is there now", path=path)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _removeStaleUNIXSocket(path: str) -> None:
@@ -499,13 +648,14 @@ def _takeSocket(
     backlog: int,
     mode: int | None,
     named: bool,
-) -> tuple[str, int]:
+) -> tuple[str, int, bool]:
     """
     The inherited socket for C{key} or C{address}, or a fresh one.
 
     @return: The key it is registered under (a derived key that is already
         taken, as by two C{grace:tcp:0} endpoints, gets a number in listen
-        order) and its descriptor, which the caller must close.
+        order), its descriptor, which the caller must close, and whether it
+        is fresh (bound here) rather than inherited.
     """
     if key in registry.ports:
         if named:
@@ -519,8 +669,8 @@ def _takeSocket(
         )
     inherited = registry.claim(key, family, address)
     if inherited is not None:
-        return key, inherited.fd
-    return key, bindListeningSocket(family, address, backlog, mode).detach()
+        return key, inherited.fd, False
+    return key, bindListeningSocket(family, address, backlog, mode).detach(), True
 
 
 def adoptPort(
@@ -543,19 +693,25 @@ def adoptPort(
     @raise CannotListenError: If a fresh socket cannot be bound.
     @raise ValueError: If another grace port already uses the name C{key}.
     """
-    key, fd = _takeSocket(registry, key, family, address, backlog, mode, named)
+    key, fd, fresh = _takeSocket(
+        registry, key, family, address, backlog, mode, named
+    )
     port: GraceTCPPort | GraceUNIXPort
     try:
         if family == socket.AF_UNIX:
-            unixPort = GraceUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+            unixPort = unixPortFromDescriptor(GraceUNIXPort, reactor, fd, factory)
             unixPort.backlog = backlog
-            # Keep the mode the socket file has, which a handover never changes.
-            path = os.fsencode(unixPort._bindPath)
-            if path and not path.startswith(b"\0"):
-                unixPort.mode = stat.S_IMODE(os.stat(path).st_mode)
+            unixPort.boundHere = fresh
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd)) as s:
+                unixPort.path = _filesystemPath(s.getsockname())
+            if unixPort.path is not None:
+                # Keep the mode the socket file has, which a handover never
+                # changes.
+                unixPort.mode = stat.S_IMODE(os.stat(unixPort.path).st_mode)
+                unixPort._identity = _fileIdentity(unixPort.path)
             port = unixPort
         else:
-            port = GraceTCPPort._fromListeningDescriptor(reactor, fd, family, factory)
+            port = tcpPortFromDescriptor(GraceTCPPort, reactor, fd, family, factory)
     finally:
         # The port listens on its own dup of the descriptor.
         os.close(fd)
@@ -573,12 +729,28 @@ class HeldSocket:
 
     @ivar key: Its name in C{LISTEN_FDNAMES}.
     @ivar socket: The socket.
+    @ivar boundHere: Whether this process bound it, rather than inheriting
+        it.
     """
 
-    def __init__(self, registry: SocketRegistry, key: str, skt: socket.socket) -> None:
+    def __init__(
+        self,
+        registry: SocketRegistry,
+        key: str,
+        skt: socket.socket,
+        boundHere: bool = False,
+    ) -> None:
         self.registry = registry
         self.key = key
         self.socket = skt
+        self.boundHere = boundHere
+        self._path: str | None = None
+        self._identity: tuple[int, int] | None = None
+        if skt.family == socket.AF_UNIX:
+            self._path = _filesystemPath(skt.getsockname())
+            if self._path is not None:
+                self._identity = _fileIdentity(self._path)
+        self._closed = False
 
     def fileno(self) -> int:
         """
@@ -598,18 +770,18 @@ class HeldSocket:
 
     def close(self, final: bool) -> None:
         """
-        Close this copy; on a C{final} close, remove a UNIX socket's path.
+        Close this copy (once; later calls only remove the path); on a
+        C{final} close, remove a UNIX socket's path if this process owns it
+        (it bound it, or L{SocketRegistry.ownsInherited}).
         """
         if self.registry.ports.get(self.key) is self:
             del self.registry.ports[self.key]
-        if final and self.socket.family == socket.AF_UNIX:
-            path = self.socket.getsockname()
-            if isinstance(path, str) and path and not path.startswith("\0"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self.socket.close()
+        if self._path is not None and _mayUnlink(self.registry, self.boundHere, final):
+            _unlinkSocketFile(self._path, self._identity)
+            self._path = None
+        if not self._closed:
+            self._closed = True
+            self.socket.close()
 
 
 def holdSocket(
@@ -625,8 +797,10 @@ def holdSocket(
     Take the socket for C{key} or C{address} as L{adoptPort} would, and
     hold it without accepting.
     """
-    key, fd = _takeSocket(registry, key, family, address, backlog, mode, named)
-    held = HeldSocket(registry, key, socket.socket(fileno=fd))
+    key, fd, fresh = _takeSocket(
+        registry, key, family, address, backlog, mode, named
+    )
+    held = HeldSocket(registry, key, socket.socket(fileno=fd), boundHere=fresh)
     registry.ports[key] = held
     return held
 

@@ -11,10 +11,19 @@ Policies:
     long, and any request it sends meanwhile is answered with
     C{Connection: close}.  Closing a connection the instant it went idle
     races with a client that is already sending its next request on it.
-  - HTTP/2: a GOAWAY frame (NO_ERROR, with the last stream id), then the
-    connection closes once its open streams are done.
+  - HTTP/2: a GOAWAY frame (NO_ERROR) whose last stream id is the largest
+    there is, which tells the client to open no more streams; for
+    L{H2_GOAWAY_GRACE_SECONDS} the streams it sent before it read that are
+    still served.  Then a second GOAWAY with the real last stream id: any
+    later stream is refused (the client may retry it elsewhere), and the
+    connection closes once its open streams are done.  This is the
+    graceful shutdown of RFC 9113, section 6.8.
   - L{IDrainable}: its C{drain()} is called once.
   - anything else is left to finish on its own terms.
+
+A connection whose drain raises is logged and counted
+(L{DrainResult.failed}); it is left to close on its own or be hammered, and
+the others are drained as if nothing happened.
 """
 
 from __future__ import annotations
@@ -27,6 +36,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
+from txgrace._twisted import (
+    h2ConnectionClass,
+    h2StreamHandler,
+    setH2StreamHandler,
+    unparsedBytes,
+    wrappedHTTPChannel,
+)
 from txgrace.interfaces import IDrainable
 
 log = Logger()
@@ -37,7 +53,14 @@ How long an idle HTTP/1.1 connection must have been quiet to be closed at
 once by a drain.
 """
 
+H2_GOAWAY_GRACE_SECONDS = 1.0
+"""
+How long an HTTP/2 connection goes on serving new streams after the first
+GOAWAY: a client may have sent some before it read the GOAWAY.
+"""
+
 _H2_POLL_SECONDS = 0.05
+_H2_MAX_STREAM_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -48,11 +71,14 @@ class DrainResult:
     @ivar opened: Connections open when the drain began.
     @ivar aborted: Connections aborted by the hammer.
     @ivar seconds: How long the drain took.
+    @ivar failed: Connections whose drain raised an exception (each is
+        logged).
     """
 
     opened: int
     aborted: int
     seconds: float
+    failed: int = 0
 
 
 def applicationProtocol(connection: Any) -> Any:
@@ -66,7 +92,7 @@ def applicationProtocol(connection: Any) -> Any:
             return protocol
         inner = getattr(protocol, "wrappedProtocol", None)
         if inner is None:
-            inner = getattr(protocol, "_channel", None)
+            inner = wrappedHTTPChannel(protocol)
         if inner is None:
             return protocol
         protocol = inner
@@ -80,7 +106,8 @@ def _closeAfterResponse(request: Any, version: bytes) -> bool:
 
 
 def _isH2(protocol: Any) -> bool:
-    return type(protocol).__name__ == "H2Connection" and hasattr(protocol, "conn")
+    h2 = h2ConnectionClass()
+    return h2 is not None and isinstance(protocol, h2)
 
 
 class Drain:
@@ -109,6 +136,7 @@ class Drain:
         self._started = 0.0
         self._opened = 0
         self._aborted: set[Any] = set()
+        self._failed: set[Any] = set()
         self._calls: list[IDelayedCall] = []
         self._finished = False
 
@@ -123,9 +151,9 @@ class Drain:
         self._opened = len(self._connections)
         log.info("Draining {count} connections", count=self._opened)
         if self._hammerTimeout is not None and self._hammerTimeout >= 0:
-            self._later(self._hammerTimeout, self.hammer)
+            self._calls.append(self._clock.callLater(self._hammerTimeout, self.hammer))
         for connection in list(self._connections):
-            self._ask(connection)
+            self._guarded(connection, self._ask, connection)
         self._finishIfEmpty()
         return self._done
 
@@ -166,9 +194,33 @@ class Drain:
             if call.active():
                 call.cancel()
 
-    def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
+    def _later(
+        self, delay: float, connection: Any, f: Callable[..., Any], *args: Any
+    ) -> None:
+        """
+        Call C{f(*args)} for C{connection} after C{delay} seconds, unless the
+        drain is done by then; a failure counts against C{connection}.
+        """
         self._calls = [call for call in self._calls if call.active()]
-        self._calls.append(self._clock.callLater(delay, f, *args))
+        self._calls.append(
+            self._clock.callLater(delay, self._guarded, connection, f, *args)
+        )
+
+    def _guarded(self, connection: Any, f: Callable[..., Any], *args: Any) -> None:
+        """
+        Call C{f(*args)}, one step of draining C{connection}: if it raises,
+        log it and count the connection as failed, and go on with the rest.
+        """
+        try:
+            f(*args)
+        except Exception:
+            self._failed.add(connection)
+            log.failure(
+                "Draining {peer} ({protocol}) failed; it is left to close on "
+                "its own",
+                peer=_peer(connection),
+                protocol=type(applicationProtocol(connection)).__name__,
+            )
 
     def _ask(self, connection: Any) -> None:
         protocol = applicationProtocol(connection)
@@ -192,48 +244,61 @@ class Drain:
                     request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return
         quiet = connection.quietSeconds(self._clock.seconds())
-        if quiet >= self._idleQuiet and not getattr(channel, "_buffer", b""):
+        if quiet >= self._idleQuiet and not unparsedBytes(channel):
             channel.loseConnection()
         else:
             self._later(
                 max(self._idleQuiet - quiet, 0.01),
+                connection,
                 self._drainHTTP11,
                 connection,
                 channel,
             )
 
     def _drainH2(self, connection: Any, h2: Any) -> None:
-        from h2.errors import ErrorCodes
-        from hyperframe.frame import GoAwayFrame
+        # Announce the shutdown, but serve what the client sent before it
+        # read this (RFC 9113, 6.8).
+        _writeGoAway(h2, _H2_MAX_STREAM_ID)
+        self._later(
+            H2_GOAWAY_GRACE_SECONDS, connection, self._refuseNewH2Streams,
+            connection, h2,
+        )
 
+    def _refuseNewH2Streams(self, connection: Any, h2: Any) -> None:
+        from h2.errors import ErrorCodes
+
+        if connection not in self._connections:
+            return
         lastStreamID = h2.conn.highest_inbound_stream_id
-        goAway = GoAwayFrame(0)
-        goAway.last_stream_id = lastStreamID
-        goAway.error_code = 0
-        # h2's close_connection() would forbid the frames of the streams that
-        # are still open, so the frame goes straight to the transport.
-        h2.transport.write(goAway.serialize())
-        serveStream = h2._requestReceived
+        _writeGoAway(h2, lastStreamID)
+        serveStream = h2StreamHandler(h2, "received")
 
         def refuseLaterStreams(event: Any) -> None:
-            # A stream the client opened before it saw the GOAWAY is refused,
-            # so the client knows it was not processed and may retry it.
+            # A stream the client opened before it saw this GOAWAY is
+            # refused, so the client knows it was not processed and may
+            # retry it.
             if event.stream_id > lastStreamID:
                 h2.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 h2.transport.write(h2.conn.data_to_send())
             else:
                 serveStream(event)
 
-        h2._requestReceived = refuseLaterStreams
-        for name in ("_requestDataReceived", "_requestEnded"):
-            h2.__dict__[name] = _ignoringRefused(h2, getattr(h2, name), lastStreamID)
+        setH2StreamHandler(h2, "received", refuseLaterStreams)
+        for event in ("data", "ended"):
+            setH2StreamHandler(
+                h2,
+                event,
+                _ignoringRefused(h2, h2StreamHandler(h2, event), lastStreamID),
+            )
         self._closeH2WhenIdle(connection, h2)
 
     def _closeH2WhenIdle(self, connection: Any, h2: Any) -> None:
         if connection not in self._connections:
             return
         if h2.streams:
-            self._later(_H2_POLL_SECONDS, self._closeH2WhenIdle, connection, h2)
+            self._later(
+                _H2_POLL_SECONDS, connection, self._closeH2WhenIdle, connection, h2
+            )
         else:
             # H2Connection registers itself as the transport's producer, and
             # TLS postpones its close until the producer is gone.
@@ -251,15 +316,35 @@ class Drain:
             if call.active():
                 call.cancel()
         result = DrainResult(
-            self._opened, len(self._aborted), self._clock.seconds() - self._started
+            self._opened,
+            len(self._aborted),
+            self._clock.seconds() - self._started,
+            len(self._failed),
         )
         log.info(
-            "Drained {opened} connections in {seconds}s, aborted {aborted}",
+            "Drained {opened} connections in {seconds}s, aborted {aborted}, "
+            "failed {failed}",
             opened=result.opened,
             seconds=round(result.seconds, 3),
             aborted=result.aborted,
+            failed=result.failed,
         )
         self._done.callback(result)
+
+
+def _writeGoAway(h2: Any, lastStreamID: int) -> None:
+    """
+    Write a GOAWAY frame (NO_ERROR) with C{lastStreamID} on C{h2}'s
+    transport.  h2's C{close_connection()} would forbid the frames of the
+    streams that are still open, so the frame goes straight to the
+    transport.
+    """
+    from hyperframe.frame import GoAwayFrame
+
+    goAway = GoAwayFrame(0)
+    goAway.last_stream_id = lastStreamID
+    goAway.error_code = 0
+    h2.transport.write(goAway.serialize())
 
 
 def _ignoringRefused(

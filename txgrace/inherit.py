@@ -132,14 +132,13 @@ def _twistedsCopy() -> list[tuple[int, str]]:
     The descriptors that Twisted's C{systemd:} endpoint parser took from the
     environment when L{twisted.internet.endpoints} was imported first.
     """
-    from twisted.internet import endpoints
+    from txgrace._twisted import listenFDNames, systemdParserDescriptors
 
-    parser = getattr(endpoints, "_SystemdParser", None)
-    listenFDs = getattr(parser, "_sddaemon", None)
+    listenFDs = systemdParserDescriptors()
     if listenFDs is None:
         return []
     fds = list(listenFDs.inheritedDescriptors())
-    names = list(getattr(listenFDs, "_names", ())) or ["unknown"] * len(fds)
+    names = listenFDNames(listenFDs) or ["unknown"] * len(fds)
     return list(zip(fds, names))
 
 

@@ -79,6 +79,12 @@ RESTARTING = "restarting"
 HANDED_OVER = "handed over"
 STOPPING = "stopping"
 
+OWNED_SOCKETS_VARIABLE = "TXGRACE_OWNED_SOCKETS"
+"""
+The names of the sockets whose UNIX paths a successor inherits the duty to
+remove (those its predecessor bound or owned; not systemd's).
+"""
+
 HAMMERED_EXIT_STATUS = 1
 """
 The exit status a program may use after a drain that had to abort
@@ -243,6 +249,7 @@ class ProcessLifecycle:
         self._shutdownWaiters: list[Deferred[Any]] | None = None
         self._terminalLeader = False
         self._served = False
+        self._ownedSockets: set[str] = set()
         self._drainResult: DrainResult | None = None
         self._drainWaiters: list[Deferred[DrainResult]] | None = None
         self._handedOverAt = 0.0
@@ -283,6 +290,8 @@ class ProcessLifecycle:
         self.settings = resolve(self._code, self._environ)
         self.installed = True
         self._controlFD, self.worker = takeControlChannel(self._environ)
+        owned = self._environ.pop(OWNED_SOCKETS_VARIABLE, "")
+        self._ownedSockets = set(owned.split(":")) - {""} if self._controlFD is not None else set()
         if self.worker:
             # Accept one connection per wakeup so that workers sharing a
             # socket share the load; the master keeps the sockets, and it
@@ -397,9 +406,12 @@ class ProcessLifecycle:
         self._served = True
         pid = os.getpid()
         if not self.worker:
-            # The serving process owns the sockets it inherited: its final
-            # stop may remove their UNIX paths.
-            self._registry.ownsInherited = True  # type: ignore[attr-defined]
+            # The serving process owns the UNIX socket paths its predecessor
+            # owned (never those of systemd's socket units): its final stop
+            # removes them.
+            for port in self._registry.ports.values():
+                if port.key in self._ownedSockets:
+                    port.boundHere = True
         if self.workers is not None:
             self.workers.announce()
         else:
@@ -840,7 +852,13 @@ class ProcessLifecycle:
                 self._restartFailed,
                 errbackArgs=(asked,),
             )
-        environment = {}
+        environment = {
+            OWNED_SOCKETS_VARIABLE: ":".join(
+                port.key
+                for port in self._registry.ports.values()
+                if getattr(port, "boundHere", False)
+            )
+        }
         if self.settings.pidFile is not None:
             environment[ENVIRONMENT["pidFile"]] = self.settings.pidFile
         command = successorCommand()

@@ -14,14 +14,17 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.python.reflect import requireModule
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from txgrace import drain as drainModule
+from txgrace._twisted import h2ConnectionClass, wrappedHTTPChannel
 from txgrace.drain import (
+    H2_GOAWAY_GRACE_SECONDS,
     IDLE_QUIET_SECONDS,
     Drain,
     DrainResult,
@@ -29,12 +32,9 @@ from txgrace.drain import (
 )
 from txgrace.interfaces import IDrainable
 
-H2Connection = None
-if requireModule("h2") is not None:
-    try:
-        from twisted.web._http2 import H2Connection
-    except ImportError:  # pragma: no cover
-        H2Connection = None
+H2Connection = h2ConnectionClass()
+MAX_STREAM_ID = 2**31 - 1
+REFUSED_STREAM = 7
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -147,6 +147,22 @@ class PlainProtocol(Protocol):
     """
 
 
+class DrainBroke(Exception):
+    """
+    Raised by L{BrokenDrainable.drain}.
+    """
+
+
+@implementer(IDrainable)
+class BrokenDrainable(Protocol):
+    """
+    An L{IDrainable} whose C{drain()} raises L{DrainBroke}.
+    """
+
+    def drain(self) -> None:
+        raise DrainBroke("cannot drain")
+
+
 @implementer(IDrainable)
 class DrainableProtocol(Protocol):
     """
@@ -231,6 +247,25 @@ class DrainTestsMixin:
         for connection in self.connections:
             connection.drain = drain
         return drain
+
+    def captureLog(self) -> list[dict[str, Any]]:
+        """
+        The events that L{txgrace.drain} logs from now on (they go nowhere
+        else).
+        """
+        events: list[dict[str, Any]] = []
+        self.patch(drainModule, "log", Logger(observer=events.append))  # type: ignore[attr-defined]
+        return events
+
+    def failures(self, events: list[dict[str, Any]]) -> list[tuple[type, str, str]]:
+        """
+        The exception type, peer and protocol of each logged failure.
+        """
+        return [
+            (e["log_failure"].type, e["peer"], e["protocol"])
+            for e in events
+            if "log_failure" in e
+        ]
 
     def settle(self) -> None:
         """
@@ -419,6 +454,31 @@ class DrainBasicsTests(DrainTestsMixin, SynchronousTestCase):
 
 
 
+    def test_drainableRaisingIsolated(self) -> None:
+        """
+        An L{IDrainable} whose C{drain()} raises is logged with its peer and
+        protocol and counted as failed; every other connection is still
+        drained, and the broken one is left open until the hammer.
+        """
+        events = self.captureLog()
+        broken = self.plainConnection(BrokenDrainable())
+        others = []
+        for _ in range(3):
+            connection = FakeConnection(self.connections, self.clock, None)
+            connection.protocol = DrainableProtocol(closeOnDrain=connection)
+            others.append(connection)
+        d = self.drain(hammerTimeout=60).start()
+        self.assertEqual([c.protocol.drains for c in others], [1, 1, 1])
+        self.assertEqual(self.connections, {broken})
+        self.assertEqual(
+            self.failures(events),
+            [(DrainBroke, "192.0.2.1:40000", "BrokenDrainable")],
+        )
+        self.assertFalse(broken.aborted)
+        self.clock.advance(60)
+        self.assertTrue(broken.aborted)
+        self.assertEqual(self.successResultOf(d), DrainResult(4, 1, 60.0, 1))
+
     def test_hammerTwiceBeforeAbortsComplete(self) -> None:
         """
         A real TCP transport's C{abortConnection} closes the connection on the
@@ -477,12 +537,22 @@ class ApplicationProtocolTests(SynchronousTestCase):
 
     def test_channel(self) -> None:
         """
-        Twisted's HTTP/1.1-or-HTTP/2 switch is unwrapped through C{_channel}.
+        Twisted's HTTP/1.1-or-HTTP/2 switch is unwrapped, down to its
+        L{HTTPChannel}.
         """
-        inner = PlainProtocol()
-        switch = PlainProtocol()
-        switch._channel = inner  # type: ignore[attr-defined]
-        self.assertIs(applicationProtocol(self.connection(switch)), inner)
+        switch = Site(SyncResource(), reactor=Clock()).buildProtocol(None)
+        found = applicationProtocol(self.connection(switch))
+        self.assertIsInstance(found, HTTPChannel)
+        self.assertIs(found, wrappedHTTPChannel(switch))
+
+    def test_otherChannelAttributeIgnored(self) -> None:
+        """
+        A protocol that is not Twisted's switch is not unwrapped, whatever
+        attributes it has.
+        """
+        protocol = PlainProtocol()
+        protocol._channel = PlainProtocol()  # type: ignore[attr-defined]
+        self.assertIs(applicationProtocol(self.connection(protocol)), protocol)
 
     def test_tlsThenChannel(self) -> None:
         """
@@ -494,7 +564,7 @@ class ApplicationProtocolTests(SynchronousTestCase):
         tls.wrappedProtocol = switch  # type: ignore[attr-defined]
         found = applicationProtocol(self.connection(tls))
         self.assertIsInstance(found, HTTPChannel)
-        self.assertIs(found, switch._channel)
+        self.assertIs(found, wrappedHTTPChannel(switch))
 
     def test_stopsAtDrainable(self) -> None:
         """
@@ -699,6 +769,42 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.assertTrue(connection.aborted)
         self.assertEqual(self.successResultOf(d), DrainResult(1, 1, 10.0))
 
+    def test_failureIsolated(self) -> None:
+        """
+        An HTTP/1.1 connection whose drain raises, at once or when its quiet
+        time is up, is logged and counted; the others close as usual.
+        """
+        events = self.captureLog()
+        atOnce, _, _ = self.httpConnection()
+
+        def noKernel(now: float) -> float:
+            raise OSError("no TCP_INFO")
+
+        atOnce.quietSeconds = noKernel  # type: ignore[method-assign]
+        later, laterChannel, _ = self.httpConnection()
+        later.lastActive = self.clock.seconds()
+
+        def cannotClose() -> None:
+            raise RuntimeError("cannot close")
+
+        laterChannel.loseConnection = cannotClose  # type: ignore[method-assign]
+        idle, _, idleTransport = self.httpConnection()
+        idle.lastActive -= 60
+        d = self.drain(hammerTimeout=30).start()
+        self.assertTrue(idleTransport.disconnecting)
+        self.settle()
+        self.clock.advance(IDLE_QUIET_SECONDS)
+        self.assertEqual(
+            sorted(self.failures(events), key=lambda f: f[0].__name__),
+            [
+                (OSError, "192.0.2.1:40000", "HTTPChannel"),
+                (RuntimeError, "192.0.2.1:40000", "HTTPChannel"),
+            ],
+        )
+        self.assertEqual(self.connections, {atOnce, later})
+        self.clock.advance(30 - IDLE_QUIET_SECONDS)
+        self.assertEqual(self.successResultOf(d), DrainResult(3, 2, 30.0, 2))
+
     def test_mixed(self) -> None:
         """
         Idle, recently active, in flight and unknown connections each get
@@ -789,22 +895,46 @@ class HTTP2DrainTests(DrainTestsMixin, SynchronousTestCase):
         )
         server.dataReceived(client.data_to_send())
 
+    def goAways(self, transport: StringTransport) -> list[tuple[int, int]]:
+        """
+        The (error code, last stream id) of each GOAWAY written so far.
+        """
+        from hyperframe.frame import GoAwayFrame
+
+        return [
+            (f.error_code, f.last_stream_id)
+            for f in framesFromBytes(transport.value())
+            if isinstance(f, GoAwayFrame)
+        ]
+
+    def answered(self, transport: StringTransport, streamID: int) -> bytes:
+        """
+        The body of the complete response on C{streamID}, or fail.
+        """
+        from hyperframe.frame import DataFrame, HeadersFrame
+
+        frames = [
+            f for f in framesFromBytes(transport.value()) if f.stream_id == streamID
+        ]
+        self.assertIsInstance(frames[0], HeadersFrame)
+        self.assertIn("END_STREAM", frames[-1].flags)
+        return b"".join(f.data for f in frames if isinstance(f, DataFrame))
+
     def test_goAwayThenCloseWhenStreamsDone(self) -> None:
         """
-        The drain sends GOAWAY (NO_ERROR, last stream id) at once, lets the
+        The drain sends GOAWAY (NO_ERROR, largest stream id) at once, then,
+        after the grace window, GOAWAY with the last stream id; it lets the
         open stream finish, then closes the connection.
         """
-        from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
-
         resource = DeferredResource()
         connection, server, transport, client = self.h2Connection(resource)
         self.request(client, server, 1)
         [request] = resource.requests
         transport.clear()
         d = self.drain().start()
-        [goAway] = framesFromBytes(transport.value())
-        self.assertIsInstance(goAway, GoAwayFrame)
-        self.assertEqual((goAway.error_code, goAway.last_stream_id), (0, 1))
+        self.assertEqual(self.goAways(transport), [(0, MAX_STREAM_ID)])
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS)
+        self.assertEqual(self.goAways(transport), [(0, MAX_STREAM_ID), (0, 1)])
         self.clock.advance(1)
         self.assertFalse(transport.disconnecting)
 
@@ -814,43 +944,16 @@ class HTTP2DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
-        frames = framesFromBytes(transport.value())
-        self.assertIsInstance(frames[0], GoAwayFrame)
-        self.assertIsInstance(frames[1], HeadersFrame)
-        data = [f for f in frames if isinstance(f, DataFrame)]
-        self.assertEqual(b"".join(f.data for f in data), b"hello")
-        self.assertIn("END_STREAM", data[-1].flags)
+        self.assertEqual(self.answered(transport, 1), b"hello")
         self.settle()
         self.assertEqual(self.successResultOf(d).aborted, 0)
 
-    def test_streamAfterGoAwayRefused(self) -> None:
+    def test_streamDuringGraceServed(self) -> None:
         """
-        A stream the client opened before it saw the GOAWAY, with an id above
-        the GOAWAY's last stream id, is refused with C{REFUSED_STREAM} (which
-        tells the client it is safe to retry) rather than served: the client
-        treats it as unprocessed and may send it again elsewhere.
+        A stream the client sent before it read the first GOAWAY (here on a
+        connection that was idle) is served; the second GOAWAY then names
+        it as the last stream, and the connection closes once it is done.
         """
-        from hyperframe.frame import RstStreamFrame
-
-        resource = DeferredResource()
-        connection, server, transport, client = self.h2Connection(resource)
-        self.request(client, server, 1)
-        self.drain().start()
-        self.request(client, server, 3)
-        self.assertEqual(len(resource.requests), 1)
-        resets = [
-            f for f in framesFromBytes(transport.value())
-            if isinstance(f, RstStreamFrame)
-        ]
-        self.assertEqual([(f.stream_id, f.error_code) for f in resets], [(3, 7)])
-
-
-    def test_idleClosedAtOnce(self) -> None:
-        """
-        An HTTP/2 connection with no open stream gets GOAWAY and is closed.
-        """
-        from hyperframe.frame import GoAwayFrame
-
         resource = SyncResource()
         connection, server, transport, client = self.h2Connection(resource)
         self.request(client, server, 1)
@@ -858,9 +961,86 @@ class HTTP2DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.assertEqual(server.streams, {})
         transport.clear()
         d = self.drain().start()
-        [goAway] = framesFromBytes(transport.value())
-        self.assertIsInstance(goAway, GoAwayFrame)
-        self.assertEqual(goAway.last_stream_id, 1)
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS / 2)
+        self.assertFalse(transport.disconnecting)
+        self.request(client, server, 3)
+        self.clock.advance(0)
+        self.assertEqual(self.answered(transport, 3), b"ok")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS / 2)
+        self.assertEqual(self.goAways(transport), [(0, MAX_STREAM_ID), (0, 3)])
         self.assertTrue(transport.disconnecting)
         self.settle()
-        self.assertEqual(self.successResultOf(d).aborted, 0)
+        self.assertEqual(self.successResultOf(d), DrainResult(1, 0, 1.0))
+
+    def test_streamAfterGraceRefused(self) -> None:
+        """
+        A stream above the second GOAWAY's last stream id is refused with
+        C{REFUSED_STREAM} (which tells the client it is safe to retry)
+        rather than served.
+        """
+        from hyperframe.frame import RstStreamFrame
+
+        resource = DeferredResource()
+        connection, server, transport, client = self.h2Connection(resource)
+        self.request(client, server, 1)
+        self.drain().start()
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS)
+        self.request(client, server, 3)
+        self.assertEqual(len(resource.requests), 1)
+        resets = [
+            f for f in framesFromBytes(transport.value())
+            if isinstance(f, RstStreamFrame)
+        ]
+        self.assertEqual(
+            [(f.stream_id, f.error_code) for f in resets], [(3, REFUSED_STREAM)]
+        )
+
+    def test_idleClosedAfterGrace(self) -> None:
+        """
+        An HTTP/2 connection with no open stream gets the first GOAWAY at
+        once, and is closed after the grace window, not before.
+        """
+        resource = SyncResource()
+        connection, server, transport, client = self.h2Connection(resource)
+        self.request(client, server, 1)
+        self.clock.advance(0)
+        self.assertEqual(server.streams, {})
+        transport.clear()
+        d = self.drain().start()
+        self.assertEqual(self.goAways(transport), [(0, MAX_STREAM_ID)])
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS * 0.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS * 0.1)
+        self.assertEqual(self.goAways(transport), [(0, MAX_STREAM_ID), (0, 1)])
+        self.assertTrue(transport.disconnecting)
+        self.settle()
+        self.assertEqual(self.successResultOf(d), DrainResult(1, 0, 1.0))
+
+    def test_failureIsolated(self) -> None:
+        """
+        An HTTP/2 connection whose GOAWAY cannot be written is counted as
+        failed; another HTTP/2 connection is drained all the same.
+        """
+        resource = SyncResource()
+        broken, brokenServer, brokenTransport, _ = self.h2Connection(resource)
+        good, goodServer, goodTransport, _ = self.h2Connection(resource)
+
+        def refuse(data: bytes) -> None:
+            raise OSError("write failed")
+
+        brokenTransport.write = refuse  # type: ignore[method-assign]
+        events: list[dict[str, Any]] = []
+        self.patch(drainModule, "log", Logger(observer=events.append))
+        d = self.drain(hammerTimeout=10).start()
+        self.clock.advance(H2_GOAWAY_GRACE_SECONDS)
+        self.assertTrue(goodTransport.disconnecting)
+        self.settle()
+        [failure] = [e for e in events if "log_failure" in e]
+        self.assertIs(failure["log_failure"].type, OSError)
+        self.assertEqual(
+            (failure["peer"], failure["protocol"]), ("192.0.2.1:40000", "H2Connection")
+        )
+        self.clock.advance(10 - H2_GOAWAY_GRACE_SECONDS)
+        self.assertTrue(broken.aborted)
+        self.assertEqual(self.successResultOf(d), DrainResult(2, 1, 10.0, 1))

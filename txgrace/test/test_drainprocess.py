@@ -19,6 +19,96 @@ from txgrace.test.test_install import _sourceTree
 from txgrace.test.test_process import _Background, startServer
 from txgrace.testing import ServerProcess, isAlive, waitUntil
 
+MAX_STREAM_ID = 2**31 - 1
+
+
+def _h2Connect(port: int) -> tuple[ssl.SSLSocket, Any]:
+    """
+    An HTTP/2 connection over TLS to 127.0.0.1:C{port}, and an h2 client
+    connection (used only to write frames: its state machine stops at the
+    first GOAWAY, which RFC 9113 does not ask of clients, so the server's
+    frames are read with L{_FrameReader}).
+    """
+    import h2.config
+    import h2.connection
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    assert tls.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return tls, conn
+
+
+def _get(conn: Any, streamID: int, path: str) -> None:
+    conn.send_headers(
+        streamID,
+        [
+            (":method", "GET"),
+            (":path", path),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+        ],
+        end_stream=True,
+    )
+
+
+class _FrameReader:
+    """
+    Reads HTTP/2 frames off a socket, noting every GOAWAY and each stream's
+    status, body and end.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        import hpack
+
+        self.tls = tls
+        self.decoder = hpack.Decoder()
+        self.buffer = b""
+        self.goAways: list[tuple[int, int]] = []
+        self.status: dict[int, str] = {}
+        self.body: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+
+    def next(self) -> Any:
+        """
+        The next frame, or L{None} at EOF.
+        """
+        from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
+
+        while True:
+            if len(self.buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+                if len(self.buffer) >= 9 + length:
+                    frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
+                    self.buffer = self.buffer[9 + length :]
+                    break
+            data = self.tls.recv(65536)
+            if not data:
+                return None
+            self.buffer += data
+        if isinstance(frame, GoAwayFrame):
+            self.goAways.append((frame.error_code, frame.last_stream_id))
+        elif isinstance(frame, HeadersFrame):
+            headers = dict(self.decoder.decode(frame.data))
+            self.status[frame.stream_id] = headers[":status"]
+        elif isinstance(frame, DataFrame):
+            self.body[frame.stream_id] = self.body.get(frame.stream_id, b"") + frame.data
+        if "END_STREAM" in frame.flags:
+            self.ended.add(frame.stream_id)
+        return frame
+
+    def untilEOF(self) -> None:
+        """
+        Read every frame until the server closes the connection.
+        """
+        while self.next() is not None:
+            pass
+
 
 def _h2Exchange(port: int, server: ServerProcess) -> dict[str, Any]:
     """
@@ -74,7 +164,10 @@ def _h2Exchange(port: int, server: ServerProcess) -> dict[str, Any]:
                 frame.parse_body(memoryview(buffer[9 : 9 + length]))
                 buffer = buffer[9 + length :]
                 if isinstance(frame, GoAwayFrame):
-                    seen["goaway"] = (frame.error_code, frame.last_stream_id)
+                    seen.setdefault("goaways", []).append(
+                        (frame.error_code, frame.last_stream_id)
+                    )
+                    seen["goaway"] = seen["goaways"][0]
                 elif isinstance(frame, HeadersFrame) and frame.stream_id == 1:
                     seen["status"] = dict(decoder.decode(frame.data))[":status"]
                 elif isinstance(frame, DataFrame) and frame.stream_id == 1:
@@ -92,7 +185,8 @@ class HTTP2DrainTests(TestCase):
     def test_goAwayAndStreamCompletes(self) -> None:
         """
         A real HTTP/2 client with a stream in flight when SIGTERM arrives
-        sees GOAWAY(NO_ERROR, last stream 1), then the whole response.
+        sees GOAWAY(NO_ERROR, largest stream id), then, after the grace
+        window, GOAWAY(NO_ERROR, last stream 1), then the whole response.
         """
         try:
             import h2  # noqa: F401
@@ -108,10 +202,50 @@ class HTTP2DrainTests(TestCase):
         )
         self.assertEqual(serving.addresses[0][0], "ssl")
         seen = _h2Exchange(serving.port(), server)
-        self.assertEqual(seen.get("goaway"), (0, 1))
+        self.assertEqual(seen.get("goaways"), [(0, MAX_STREAM_ID), (0, 1)])
         self.assertEqual(seen.get("status"), "200")
         self.assertTrue(seen.get("ended"))
         self.assertIn(f"from pid {serving.pid}".encode(), seen["body"])
+        self.assertEqual(server.wait(), 0)
+
+
+    def test_streamSentAfterGoAwayServed(self) -> None:
+        """
+        A client whose connection is idle when SIGTERM arrives, and that
+        opens a stream right after the server sends its first GOAWAY (as a
+        client does that has not read it yet), gets that stream answered in
+        full; the second GOAWAY names it as the last stream, and then the
+        server closes the connection and exits.
+        """
+        try:
+            import h2  # noqa: F401
+        except ImportError:
+            raise SkipTest("h2 is not installed")
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        key, cert = writeSelfSignedCertificate(directory)
+        server, serving = startServer(
+            self,
+            "--endpoint",
+            f"grace:ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        )
+        tls, conn = _h2Connect(serving.port())
+        with tls:
+            reader = _FrameReader(tls)
+            _get(conn, 1, "/")
+            tls.sendall(conn.data_to_send())
+            while 1 not in reader.ended:
+                self.assertIsNotNone(reader.next())
+            server.signal(signal.SIGTERM)
+            while not reader.goAways:
+                self.assertIsNotNone(reader.next())
+            _get(conn, 3, "/")
+            tls.sendall(conn.data_to_send())
+            reader.untilEOF()
+        self.assertEqual(reader.goAways, [(0, MAX_STREAM_ID), (0, 3)])
+        self.assertEqual(reader.status.get(3), "200")
+        self.assertIn(3, reader.ended)
+        self.assertIn(f"hello from pid {serving.pid}".encode(), reader.body[3])
         self.assertEqual(server.wait(), 0)
 
 

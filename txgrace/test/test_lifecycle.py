@@ -303,7 +303,8 @@ class RestartTests(LifecycleTestCase):
             successor.options["ignoreSignals"], (signal.SIGHUP, signal.SIGUSR2)
         )
         self.assertEqual(
-            successor.options["environment"], {"TXGRACE_PIDFILE": self.pidFile}
+            successor.options["environment"],
+            {"TXGRACE_OWNED_SOCKETS": "", "TXGRACE_PIDFILE": self.pidFile},
         )
         successor.result.callback(successor.pid)
         self.assertEqual(self.successResultOf(result), successor.pid)
