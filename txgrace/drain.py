@@ -18,7 +18,11 @@ Policies:
     later stream is refused (the client may retry it elsewhere), and the
     connection closes once its open streams are done.  This is the
     graceful shutdown of RFC 9113, section 6.8.
-  - L{IDrainable}: its C{drain()} is called once.
+  - L{IDrainable} (a protocol that provides it, or one adapted to it, as
+    websockets are in L{txgrace.websocket}, also behind an upgraded
+    C{HTTPChannel}): its C{drain()} is called once, at most C{drainRate} of
+    them a second so that their clients reconnect to the successor spread
+    out.
   - anything else is left to finish on its own terms.
 
 A connection whose drain raises is logged and counted
@@ -28,6 +32,7 @@ the others are drained as if nothing happened.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +49,7 @@ from txgrace._twisted import (
     wrappedHTTPChannel,
 )
 from txgrace.interfaces import IDrainable
+from txgrace.websocket import registerWebSocketAdapters, upgradedProtocol
 
 log = Logger()
 
@@ -51,6 +57,11 @@ IDLE_QUIET_SECONDS = 1.0
 """
 How long an idle HTTP/1.1 connection must have been quiet to be closed at
 once by a drain.
+"""
+
+PACE_INTERVAL_SECONDS = 0.05
+"""
+How often a paced drain releases its next batch of long-lived connections.
 """
 
 H2_GOAWAY_GRACE_SECONDS = 1.0
@@ -88,7 +99,13 @@ def applicationProtocol(connection: Any) -> Any:
     """
     protocol = getattr(connection, "protocol", None)
     for _ in range(8):
-        if IDrainable.providedBy(protocol) or isinstance(protocol, HTTPChannel):
+        if IDrainable(protocol, None) is not None:
+            return protocol
+        if isinstance(protocol, HTTPChannel):
+            # An HTTP/1.1 channel upgraded to a websocket speaks for it.
+            upgraded = upgradedProtocol(protocol)
+            if upgraded is not None and IDrainable(upgraded, None) is not None:
+                return upgraded
             return protocol
         inner = getattr(protocol, "wrappedProtocol", None)
         if inner is None:
@@ -127,8 +144,12 @@ class Drain:
         connections: set[Any],
         hammerTimeout: float | None,
         idleQuietSeconds: float = IDLE_QUIET_SECONDS,
+        drainRate: float = 0.0,
     ) -> None:
         self._clock = clock
+        self._drainRate = drainRate
+        self._paced: deque[tuple[Any, Any]] = deque()
+        self._pacer: IDelayedCall | None = None
         self._connections = connections
         self._hammerTimeout = hammerTimeout
         self._idleQuiet = idleQuietSeconds
@@ -149,6 +170,7 @@ class Drain:
         """
         self._started = self._clock.seconds()
         self._opened = len(self._connections)
+        registerWebSocketAdapters()
         log.info("Draining {count} connections", count=self._opened)
         if self._hammerTimeout is not None and self._hammerTimeout >= 0:
             self._calls.append(self._clock.callLater(self._hammerTimeout, self.hammer))
@@ -224,12 +246,40 @@ class Drain:
 
     def _ask(self, connection: Any) -> None:
         protocol = applicationProtocol(connection)
-        if IDrainable.providedBy(protocol):
-            IDrainable(protocol).drain()
+        drainable = IDrainable(protocol, None)
+        if drainable is not None:
+            if self._drainRate > 0:
+                self._paced.append((connection, drainable))
+                if self._pacer is None:
+                    self._releasePaced()
+            else:
+                drainable.drain()
         elif isinstance(protocol, HTTPChannel):
             self._drainHTTP11(connection, protocol)
         elif _isH2(protocol):
             self._drainH2(connection, protocol)
+
+    def _releasePaced(self) -> None:
+        """
+        Ask the next batch of long-lived connections to close: at most
+        C{drainRate} a second, so that their clients do not all reconnect to
+        the successor in the same instant.
+        """
+        self._pacer = None
+        if self._finished:
+            return
+        batch = max(1, int(self._drainRate * PACE_INTERVAL_SECONDS))
+        for _ in range(batch):
+            if not self._paced:
+                break
+            connection, drainable = self._paced.popleft()
+            if connection in self._connections:
+                self._guarded(connection, drainable.drain)
+        if self._paced:
+            self._pacer = self._clock.callLater(
+                batch / self._drainRate, self._releasePaced
+            )
+            self._calls.append(self._pacer)
 
     def _drainHTTP11(self, connection: Any, channel: HTTPChannel) -> None:
         if connection not in self._connections:
@@ -377,13 +427,16 @@ def drainConnections(
     clock: IReactorTime,
     registry: Any,
     hammerTimeout: float | None,
+    drainRate: float = 0.0,
 ) -> tuple[Drain, Deferred[DrainResult]]:
     """
     Drain every connection in C{registry}, following it as they close.
 
+    @param drainRate: Long-lived connections asked to close per second
+        (C{0}: all at once).
     @return: The drain (to L{Drain.hammer} early) and its result.
     """
-    drain = Drain(clock, registry.connections, hammerTimeout)
+    drain = Drain(clock, registry.connections, hammerTimeout, drainRate=drainRate)
     registry.addConnectionLostObserver(drain.connectionLost)
 
     def stopObserving(result: DrainResult) -> DrainResult:

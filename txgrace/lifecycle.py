@@ -636,7 +636,10 @@ class ProcessLifecycle:
 
     def _startDrain(self) -> Deferred[DrainResult]:
         self._drain, done = drainConnections(
-            self._reactor, self._registry, self.settings.hammerTimeout
+            self._reactor,
+            self._registry,
+            self.settings.hammerTimeout,
+            self.settings.drainRate,
         )
         if self._hammerAsked:
             self._drain.hammer()

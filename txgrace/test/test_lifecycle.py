@@ -30,7 +30,7 @@ from txgrace.lifecycle import (
 from txgrace.pidfile import readRestartStatus
 from txgrace.restart import ControlChannel, Successor, SuccessorFailed
 from txgrace.settings import SettingError, resolve
-from txgrace.test.test_units import temporaryDirectory
+from txgrace.test.test_process import shortTemporaryDirectory as temporaryDirectory
 
 
 class FakePort:
@@ -143,7 +143,7 @@ class LifecycleTestCase(SynchronousTestCase):
         self.notified.append(assignments)
         return True
 
-    def _drainConnections(self, clock: Any, registry: Any, hammerTimeout: Any) -> Any:
+    def _drainConnections(self, clock: Any, registry: Any, hammerTimeout: Any, drainRate: Any = 0) -> Any:
         drain = FakeDrain()
         self.drains.append((drain, hammerTimeout))
         return drain, drain.done
