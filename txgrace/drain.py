@@ -176,6 +176,8 @@ class Drain:
             self._calls.append(self._clock.callLater(self._hammerTimeout, self.hammer))
         for connection in list(self._connections):
             self._guarded(connection, self._ask, connection)
+        if self._paced:
+            self._releasePaced()
         self._finishIfEmpty()
         return self._done
 
@@ -249,9 +251,7 @@ class Drain:
         drainable = IDrainable(protocol, None)
         if drainable is not None:
             if self._drainRate > 0:
-                self._paced.append((connection, drainable))
-                if self._pacer is None:
-                    self._releasePaced()
+                self._paced.append((connection, drainable))  # See start().
             else:
                 drainable.drain()
         elif isinstance(protocol, HTTPChannel):
