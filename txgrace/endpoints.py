@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet import abstract
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -70,17 +71,24 @@ class _AdoptingReactor:
         return getattr(self._reactor, name)
 
     def _inetAddress(self, interface: str, port: int) -> tuple[int, tuple[Any, ...]]:
+        """
+        The family and address that C{listenTCP(port, interface=interface)}
+        binds: an IPv6 literal gives IPv6, anything else IPv4, and a host
+        name is resolved here (the first address), so that it matches the
+        numeric address of an inherited socket.
+
+        @raise CannotListenError: If C{interface} does not resolve.
+        """
         if abstract.isIPv6Address(interface):
-            info = socket.getaddrinfo(
-                interface,
-                port,
-                socket.AF_INET6,
-                socket.SOCK_STREAM,
-                0,
-                socket.AI_NUMERICHOST | socket.AI_PASSIVE,
-            )
-            return socket.AF_INET6, info[0][4]
-        return socket.AF_INET, (interface or "0.0.0.0", port)
+            family, flags = socket.AF_INET6, socket.AI_NUMERICHOST | socket.AI_PASSIVE
+        else:
+            family, flags = socket.AF_INET, socket.AI_PASSIVE
+        host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        try:
+            info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)
+        except (OSError, UnicodeError, ValueError) as e:
+            raise CannotListenError(interface, port, e) from None
+        return family, info[0][4]
 
     def _adoptInet(
         self, kind: str, port: int, factory: Any, backlog: int, interface: str

@@ -42,6 +42,7 @@ from zope.interface import implementer
 from txgrace.adopt import GraceTCPPort, GraceUNIXPort, SocketRegistry
 from txgrace.adopt import registry as processRegistry
 from txgrace.endpoints import GraceServerEndpoint
+from txgrace.inherit import InheritedSocket
 from txgrace.testing import writeSelfSignedCertificate
 
 BODY = b"hello from txgrace"
@@ -529,6 +530,122 @@ class AdoptionTests(_ServingMixin, TestCase):
         await self.assertQuietSecondsFollowsTraffic(
             _isolated(f"unix:{path}"), lambda port: UNIXClientEndpoint(reactor, path)
         )
+
+
+def _localhostIsLoopback() -> bool:
+    """
+    Whether C{localhost} resolves to 127.0.0.1 first, as it does on almost
+    every host (from C{/etc/hosts}, without a query on the network).
+    """
+    info = socket.getaddrinfo(
+        "localhost", 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    return bool(info) and info[0][4][0] == "127.0.0.1"
+
+
+class HostNameTests(_ServingMixin, TestCase):
+    """
+    C{interface=} with a host name is resolved before it is matched with the
+    addresses of inherited sockets, which are numeric.
+    """
+
+    def setUp(self) -> None:
+        if not _localhostIsLoopback():
+            self.skipTest("localhost does not resolve to 127.0.0.1 here")
+
+    def inherited(self, name: str) -> tuple[SocketRegistry, int, int]:
+        """
+        A registry that inherited, under C{name}, a copy of a socket
+        listening on 127.0.0.1.
+
+        @return: The registry, the port, and the socket's inode.
+        """
+        skt = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(skt.close)
+        skt.bind(("127.0.0.1", 0))
+        skt.listen()
+        port = skt.getsockname()[1]
+        fd = os.dup(skt.fileno())
+        os.set_blocking(fd, False)
+        inherited = InheritedSocket(fd, name, socket.AF_INET, ("127.0.0.1", port))
+        registry = SocketRegistry(inherit=lambda: [inherited])
+        # Closes the copy if the endpoint did not adopt it.
+        self.addCleanup(registry.closeUnclaimed)
+        return registry, port, os.fstat(fd).st_ino
+
+    async def assertAdopts(
+        self, description: str, registry: SocketRegistry, port: int, inode: int
+    ) -> None:
+        """
+        Listening on C{description} adopts the inherited socket.
+        """
+        endpoint = GraceServerEndpoint(reactor, description, registry=registry)
+        listening = await self.listen(endpoint)
+        host = listening.getHost()
+        self.assertEqual((host.host, host.port), ("127.0.0.1", port))
+        self.assertEqual(os.fstat(listening.fileno()).st_ino, inode)
+        self.assertEqual(registry.inherited(), [])
+
+    async def test_portZeroByName(self) -> None:
+        """
+        C{tcp:0:interface=localhost} adopts the socket named after it (as a
+        predecessor passes it), bound to 127.0.0.1 on some port.
+        """
+        registry, port, inode = self.inherited("tcp/localhost/0")
+        await self.assertAdopts("tcp:0:interface=localhost", registry, port, inode)
+
+    async def test_portByAddress(self) -> None:
+        """
+        C{tcp:PORT:interface=localhost} adopts an unnamed inherited socket
+        bound to 127.0.0.1:PORT (as systemd passes it), instead of binding
+        again and failing with EADDRINUSE.
+        """
+        registry, port, inode = self.inherited("unknown")
+        await self.assertAdopts(
+            f"tcp:{port}:interface=localhost", registry, port, inode
+        )
+
+    async def test_freshSocket(self) -> None:
+        """
+        With nothing inherited, C{interface=localhost} binds 127.0.0.1.
+        """
+        port = await self.listen(_isolated("tcp:0:interface=localhost"))
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+
+    async def test_unresolvable(self) -> None:
+        """
+        A host name that cannot be resolved fails the listen with
+        L{CannotListenError} naming it.  (C{a..b} fails before any query is
+        sent.)
+        """
+        endpoint = _isolated("tcp:0:interface=a..b")
+        error = await self.assertFailure(endpoint.listen(_site()), CannotListenError)
+        self.assertIn("a..b", str(error))
+        self.assertEqual(endpoint.registry.ports, {})
+
+
+class HostNameRestartTests(TestCase):
+    """
+    A restart of C{twist txgrace} on C{interface=localhost}.
+    """
+
+    def test_restartKeepsServing(self) -> None:
+        """
+        The successor adopts the socket on 127.0.0.1 and serves on the same
+        port, instead of binding a new one.
+        """
+        if not _localhostIsLoopback():
+            self.skipTest("localhost does not resolve to 127.0.0.1 here")
+        from txgrace.test.test_process import startServer
+        from txgrace.test.test_restart import get, restart
+
+        server, serving = startServer(
+            self, "--endpoint", "grace:tcp:0:interface=localhost"
+        )
+        self.assertEqual(serving.addresses[0][1], "127.0.0.1")
+        successor = restart(server, serving)
+        self.assertEqual(successor.addresses, serving.addresses)
+        self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
 
 
 class ListenFailureTests(TestCase):
