@@ -14,6 +14,8 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -199,7 +201,7 @@ class ParseTests(TestCase):
         whole string.
         """
         error = self.assertRaises(ValueError, serverFromString, reactor, description)
-        self.assertIn(repr(description), str(error))
+        self.assertIn(f"'{description}'", str(error))
         return error
 
     def test_tcp(self) -> None:
@@ -264,19 +266,174 @@ class ParseTests(TestCase):
         """
         self.assertInvalid("grace:")
 
+    def assertMessage(self, description: str, problem: str) -> None:
+        """
+        Parsing C{description} raises L{ValueError} with exactly this message:
+        the string quoted, then C{problem}.
+        """
+        error = self.assertRaises(ValueError, serverFromString, reactor, description)
+        self.assertEqual(str(error), f"Invalid endpoint '{description}': {problem}")
+
     def test_badPort(self) -> None:
         """
         A port that is not a number is refused.
         """
-        self.assertInvalid("grace:tcp:notaport")
+        self.assertMessage("grace:tcp:notaport", "port 'notaport' is not a number")
+
+    def test_portTooLarge(self) -> None:
+        """
+        A port above 65535 is refused when the string is parsed, not with an
+        C{OverflowError} when it listens.
+        """
+        self.assertMessage("grace:tcp:99999", "port must be 0-65535, not 99999")
+
+    def test_portNegative(self) -> None:
+        """
+        A negative port is refused.
+        """
+        self.assertMessage("grace:ssl:-1", "port must be 0-65535, not -1")
+
+    def test_portMissing(self) -> None:
+        """
+        A TCP string needs a port, a UNIX string a path.
+        """
+        self.assertMessage("grace:tcp", "tcp needs a port")
+        self.assertMessage("grace:unix:mode=600", "unix needs the path of the socket")
+
+    def test_portKeyword(self) -> None:
+        """
+        The port may be given as C{port=}, but not twice.
+        """
+        endpoint = serverFromString(reactor, "grace:tcp:port=0")
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
+        self.assertMessage("grace:tcp:0:port=1", "port is given twice")
+
+    def test_unknownParameter(self) -> None:
+        """
+        A parameter that the type does not take is named, with the ones it
+        does take.
+        """
+        self.assertMessage(
+            "grace:tcp:8080:bogus=1",
+            "unknown parameter 'bogus' (tcp takes port, interface, backlog, name)",
+        )
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:interface=x",
+            "unknown parameter 'interface' "
+            "(unix takes address, mode, backlog, lockfile, name)",
+        )
+
+    def test_reactorParameter(self) -> None:
+        """
+        C{reactor=} (or C{self=}) is an unknown parameter like any other,
+        not a C{TypeError} from the plugin's own signature.
+        """
+        for key in ("reactor", "self"):
+            self.assertMessage(
+                f"grace:tcp:0:{key}=1",
+                f"unknown parameter '{key}' (tcp takes port, interface, backlog, name)",
+            )
+
+    def test_secondValue(self) -> None:
+        """
+        Only the port is given without C{key=}.
+        """
+        self.assertMessage(
+            "grace:tcp:0:127.0.0.1",
+            "unexpected '127.0.0.1': only the port is given without key= "
+            "(tcp takes port, interface, backlog, name)",
+        )
+
+    def test_badBacklog(self) -> None:
+        """
+        A backlog must be a number that C{listen()} takes.
+        """
+        self.assertMessage("grace:tcp:0:backlog=x", "backlog 'x' is not a number")
+        self.assertMessage(
+            "grace:tcp:0:backlog=99999999999",
+            "backlog must be 0-2147483647, not 99999999999",
+        )
+
+    def test_badMode(self) -> None:
+        """
+        A UNIX socket's mode is octal, at most 777.
+        """
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:mode=9", "mode '9' is not an octal number"
+        )
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:mode=4777", "mode must be 0-777 (octal), not 4777"
+        )
+
+    def test_badLockfile(self) -> None:
+        """
+        C{lockfile=} is 0 or 1.
+        """
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:lockfile=yes", "lockfile must be 0 or 1, not 'yes'"
+        )
 
     def test_missingCertificate(self) -> None:
         """
-        Key and certificate files that do not exist are refused.
+        Key and certificate files that do not exist are refused, naming the
+        first one.
         """
-        self.assertInvalid(
-            "grace:ssl:0:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem"
+        self.assertMessage(
+            "grace:ssl:0:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem",
+            "privateKey file '/nonexistent/k.pem' cannot be read: "
+            "No such file or directory",
         )
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey=/nonexistent/c.pem",
+            "certKey file '/nonexistent/c.pem' cannot be read: "
+            "No such file or directory",
+        )
+
+    def test_defaultKeyMissing(self) -> None:
+        """
+        Without C{privateKey=}, Twisted's default C{server.pem} is named.
+        """
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(os.path.dirname(self.keyPath))
+        self.assertMessage(
+            "grace:ssl:0",
+            "privateKey file 'server.pem' (the default) cannot be read: "
+            "No such file or directory",
+        )
+
+    def test_certificateMissing(self) -> None:
+        """
+        Without C{certKey=}, the key file must hold the certificate too; a
+        file with only a key is refused with a message that says so (not
+        OpenSSL's C{PEM routines ... no start line}).
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}",
+            f"certKey is missing, and privateKey file '{self.keyPath}' holds no "
+            "PEM certificate",
+        )
+
+    def test_keyIsNoKey(self) -> None:
+        """
+        A C{privateKey} file without a private key is refused.
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.certPath}:certKey={self.certPath}",
+            f"privateKey file '{self.certPath}' holds no unencrypted PEM private key",
+        )
+
+    def test_keyAndCertificateInOneFile(self) -> None:
+        """
+        A C{privateKey} file that holds the certificate too needs no
+        C{certKey=}.
+        """
+        both = os.path.join(os.path.dirname(self.keyPath), "both.pem")
+        with open(both, "wb") as out:
+            for path in (self.keyPath, self.certPath):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        endpoint = serverFromString(reactor, f"grace:ssl:0:privateKey={both}")
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
 
     def test_garbageCertificate(self) -> None:
         """
@@ -285,7 +442,10 @@ class ParseTests(TestCase):
         garbage = os.path.join(os.path.dirname(self.certPath), "garbage.pem")
         with open(garbage, "wb") as f:
             f.write(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
-        self.assertInvalid(f"grace:ssl:0:privateKey={self.keyPath}:certKey={garbage}")
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={garbage}",
+            f"certKey file '{garbage}' holds no PEM certificate",
+        )
 
     def test_unreadableCertificate(self) -> None:
         """
@@ -293,25 +453,78 @@ class ParseTests(TestCase):
         permissions would not stop root) is refused.
         """
         directory = os.path.dirname(self.certPath)
-        self.assertInvalid(f"grace:ssl:0:privateKey={self.keyPath}:certKey={directory}")
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={directory}",
+            f"certKey file '{directory}' cannot be read: Is a directory",
+        )
+
+    def test_mismatchedCertificate(self) -> None:
+        """
+        A certificate for another key is refused with Twisted's words.
+        """
+        _, otherCert = writeSelfSignedCertificate(self.mktemp())
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={otherCert}",
+            "ssl: Certificate public and private keys do not match.",
+        )
+
+    def test_badSSLMethod(self) -> None:
+        """
+        C{sslmethod=} must name an OpenSSL method.
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={self.certPath}"
+            ":sslmethod=Context",
+            "sslmethod 'Context' is not an OpenSSL method such as TLS_METHOD",
+        )
 
     def test_nameWithColon(self) -> None:
         """
         A name with C{:} cannot be passed in C{LISTEN_FDNAMES}.
         """
+        self.assertMessage(
+            r"grace:tcp:0:name=a\:b",
+            "a name may not contain ':' (LISTEN_FDNAMES separates names with ':')",
+        )
         error = self.assertRaises(
             ValueError, GraceServerEndpoint, reactor, "tcp:0", name="a:b"
         )
         self.assertIn("'grace:tcp:0:name=", str(error))
 
+    def test_nameWithUnescapedColon(self) -> None:
+        """
+        L{serverFromString} reads C{name=a:b} as C{name=a} followed by a value
+        C{b}; the message says what that value probably is.
+        """
+        error = self.assertRaises(
+            ValueError, serverFromString, reactor, "grace:tcp:0:name=a:b"
+        )
+        self.assertEqual(
+            str(error),
+            "Invalid endpoint 'grace:tcp:0:b:name=a': unexpected 'b': is it part "
+            "of name=a? A name may not contain ':'",
+        )
+
     def test_emptyName(self) -> None:
         """
         An empty name is refused.
         """
+        self.assertMessage("grace:tcp:0:name=", "name= may not be empty")
         error = self.assertRaises(
             ValueError, GraceServerEndpoint, reactor, "tcp:0", name=""
         )
         self.assertIn("'grace:tcp:0:name=", str(error))
+
+    def test_loneBackslash(self) -> None:
+        """
+        An inner string that ends with a lone backslash is refused.
+        (L{serverFromString} itself raises C{RuntimeError} on such a
+        C{grace:} string before the grace parser is called.)
+        """
+        error = self.assertRaises(ValueError, GraceServerEndpoint, reactor, "tcp:0\\")
+        self.assertEqual(
+            str(error), "Invalid endpoint 'grace:tcp:0\\': it ends with a lone '\\'"
+        )
 
     def test_badStringWithNameQuotesAll(self) -> None:
         """
@@ -321,6 +534,43 @@ class ParseTests(TestCase):
         self.assertInvalid("grace:tcp:notaport:name=web")
         self.assertInvalid("grace:tcp:0:name=")
 
+
+class CommandLineTests(TestCase):
+    """
+    A bad endpoint string on C{twist txgrace}'s command line.
+    """
+
+    def test_portTooLarge(self) -> None:
+        """
+        C{--endpoint grace:tcp:99999} exits with a usage error: one line
+        that quotes the string and says what is wrong, and no traceback.
+        """
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "txgrace",
+                "--endpoint",
+                "grace:tcp:99999",
+                "--app",
+                "x.y",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        output = (result.stdout + result.stderr).decode()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", output)
+        mentions = [line for line in output.splitlines() if "grace:tcp:99999" in line]
+        self.assertEqual(
+            mentions,
+            [
+                "Error: Invalid endpoint 'grace:tcp:99999': "
+                "port must be 0-65535, not 99999"
+            ],
+        )
 
 
 class ServeTests(_ServingMixin, TestCase):
