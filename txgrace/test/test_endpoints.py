@@ -19,6 +19,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
+from hypothesis import assume, example, given, settings
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import (
@@ -43,8 +44,9 @@ from zope.interface import implementer
 
 from txgrace.adopt import GraceTCPPort, GraceUNIXPort, SocketRegistry
 from txgrace.adopt import registry as processRegistry
-from txgrace.endpoints import GraceServerEndpoint
+from txgrace.endpoints import GraceServerEndpoint, splitEndpoint, unparseEndpoint
 from txgrace.inherit import InheritedSocket
+from txgrace.test._strategies import canonicalEndpointTexts, endpointTexts
 from txgrace.testing import writeSelfSignedCertificate
 
 BODY = b"hello from txgrace"
@@ -262,9 +264,10 @@ class ParseTests(TestCase):
 
     def test_empty(self) -> None:
         """
-        C{grace:} alone is refused.
+        C{grace:} alone, or with only parameters, is refused.
         """
-        self.assertInvalid("grace:")
+        self.assertMessage("grace:", "expected grace:<tcp|tcp6|ssl|unix>:...")
+        self.assertMessage("grace:=", "expected grace:<tcp|tcp6|ssl|unix>:...")
 
     def assertMessage(self, description: str, problem: str) -> None:
         """
@@ -533,6 +536,88 @@ class ParseTests(TestCase):
         """
         self.assertInvalid("grace:tcp:notaport:name=web")
         self.assertInvalid("grace:tcp:0:name=")
+
+
+def _twistedReads(text: str) -> bool:
+    """
+    Whether L{serverFromString} hands C{"grace:" + text} to the grace parser
+    at all.  Its own tokenizer raises C{RuntimeError} on a trailing lone
+    backslash, and C{UnicodeEncodeError} (a L{ValueError} that does not
+    quote the string) on a key that is not ASCII, before the grace parser
+    is called.
+    """
+    if (len(text) - len(text.rstrip("\\"))) % 2 == 1:
+        return False
+    return all(key.isascii() for key in splitEndpoint(text)[1])
+
+
+class ParsePropertyTests(TestCase):
+    """
+    Any text after C{grace:} either parses or raises L{ValueError} that
+    quotes the string, in one line.
+    """
+
+    def setUp(self) -> None:
+        # Relative file names in ssl: strings are looked up here.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+
+    def parse(self, description: str) -> GraceServerEndpoint | ValueError:
+        """
+        Parse C{description} as C{twist txgrace --endpoint} does, with no
+        reactor; any exception but L{ValueError} fails the test.
+        """
+        try:
+            endpoint = serverFromString(None, description)
+        except ValueError as e:
+            return e
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
+        return endpoint
+
+    def assertQuotes(self, result: GraceServerEndpoint | ValueError, quoted: str) -> None:
+        """
+        C{result} is an endpoint described by C{quoted}, or an error whose
+        one-line message quotes it.
+        """
+        if isinstance(result, GraceServerEndpoint):
+            self.assertEqual(result.description, quoted)
+            return
+        prefix = f"Invalid endpoint '{quoted}': "
+        message = str(result)
+        self.assertEqual(message[: len(prefix)], prefix)
+        problem = message[len(prefix) :]
+        self.assertNotEqual(problem, "")
+        self.assertNotIn("\n", problem)
+
+    @settings(max_examples=200, deadline=None)
+    @given(endpointTexts)
+    @example("=")
+    @example("tcp:0:reactor=1:self=2")
+    @example("unix:\0:name=\0")
+    def test_anyText(self, text: str) -> None:
+        """
+        Any text parses or raises L{ValueError}, quoting the string as
+        Twisted's parser split it (values without a key first, escapes
+        only where needed).
+        """
+        assume(_twistedReads(text))
+        args, kwargs = splitEndpoint(text)
+        self.assertQuotes(
+            self.parse("grace:" + text),
+            "grace:" + unparseEndpoint(tuple(args), dict(kwargs)),
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(canonicalEndpointTexts())
+    def test_canonicalText(self, text: str) -> None:
+        """
+        A string written the usual way is quoted exactly as written.
+        """
+        assume(_twistedReads(text))
+        description = "grace:" + text
+        self.assertQuotes(self.parse(description), description)
 
 
 class CommandLineTests(TestCase):

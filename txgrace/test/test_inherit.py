@@ -19,7 +19,10 @@ import socket
 import sys
 import tempfile
 from typing import Any, Sequence
+from urllib.parse import unquote
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
@@ -27,6 +30,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from txgrace.endpoints import SUPPORTED_TYPES, socketKey
+from txgrace.test._strategies import addresses, socketNames
 from txgrace.test.test_endpoints import _ipv6Loopback
 
 from txgrace.inherit import (
@@ -288,6 +293,61 @@ class ListenEnvironmentTests(TestCase):
         wrapped = trampoline(argv)
         self.assertEqual(wrapped[:2], ["/bin/sh", "-c"])
         self.assertEqual(wrapped[3:], argv)
+
+
+class NamePropertyTests(TestCase):
+    """
+    Socket names survive C{LISTEN_FDNAMES}, which separates them with
+    colons.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(SUPPORTED_TYPES), addresses), max_size=5))
+    def test_socketKeysRoundTrip(self, sockets: list[tuple[str, str]]) -> None:
+        """
+        Names made by L{socketKey} never contain C{:} or NUL, and come back
+        from L{listenEnvironment} through L{_declaredDescriptors} unchanged
+        and in order.
+        """
+        names = [socketKey(kind, address) for kind, address in sockets]
+        for name in names:
+            self.assertNotIn(":", name)
+            self.assertNotIn("\0", name)
+        environ = listenEnvironment({}, names)
+        environ["LISTEN_PID"] = "123"
+        self.assertEqual(
+            _declaredDescriptors(environ, 123),
+            [(3 + i, name) for i, name in enumerate(names)],
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.sampled_from(SUPPORTED_TYPES), addresses)
+    def test_socketKeysDecode(self, kind: str, address: str) -> None:
+        """
+        A name decodes (as a URL does) to its type and address, so two
+        addresses never share a name.
+        """
+        self.assertEqual(unquote(socketKey(kind, address)), f"{kind}/{address}")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(socketNames, max_size=5))
+    def test_anyNames(self, names: list[str]) -> None:
+        """
+        Any names are either passed and read back unchanged, or refused
+        with L{ValueError} because one is empty or has C{:} or NUL.
+        """
+        passable = all(name and ":" not in name and "\0" not in name for name in names)
+        try:
+            environ = listenEnvironment({}, names)
+        except ValueError:
+            self.assertFalse(passable)
+            return
+        self.assertTrue(passable)
+        environ["LISTEN_PID"] = "123"
+        self.assertEqual(
+            _declaredDescriptors(environ, 123),
+            [(3 + i, name) for i, name in enumerate(names)],
+        )
 
 
 class _Child(ProcessProtocol):
