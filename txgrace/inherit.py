@@ -7,23 +7,33 @@ file descriptors 3, 4, ... and describes them with C{LISTEN_FDS} (how many),
 C{LISTEN_PID} (the pid they are meant for) and C{LISTEN_FDNAMES} (their names,
 separated by colons).  This module reads that description, checks every
 descriptor, and builds it again for a child.
+
+Importing it makes every passed descriptor (the listening sockets and the
+control channel named by C{TXGRACE_CONTROL_FD}) close-on-exec at once, so
+that a subprocess the application starts before it listens holds none of
+them; L{txgrace} imports it before anything else.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
 import stat
+import sys
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 
 log = Logger()
 
 LISTEN_FDS_START = 3
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+# The control channel from a predecessor (see txgrace.restart, which takes it).
+CONTROL_FD_VARIABLE = "TXGRACE_CONTROL_FD"
 
 # Sets LISTEN_PID to the pid that the exec'd program will have: only the child
 # knows its own pid.  "$0" is the program, "$@" its arguments.
@@ -69,21 +79,13 @@ def normalizeAddress(family: int, address: object) -> object:
     return os.path.abspath(address)
 
 
-# What the environment said when this module was first imported: Twisted's
-# systemd: parser removes LISTEN_PID and LISTEN_FDS when it is imported, and
-# keeps nothing when LISTEN_FDNAMES is missing (as older launchers leave it).
-_atImport = {
-    key: os.environ[key] for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-    if key in os.environ
-}
-
-
 def _declaredDescriptors(
-    environ: MutableMapping[str, str], pid: int
+    environ: MutableMapping[str, str], pid: int, logger: Logger = log
 ) -> list[tuple[int, str]] | None:
     """
     Read the descriptors that C{environ} declares for process C{pid}.
 
+    @param logger: Where to say why declared descriptors are ignored.
     @return: C{(fd, name)} pairs, or L{None} when C{environ} declares nothing
         for this process.
     """
@@ -92,7 +94,7 @@ def _declaredDescriptors(
     if listenPID is None and listenFDs is None:
         return None
     if listenPID != str(pid):
-        log.info(
+        logger.info(
             "Ignoring inherited sockets: LISTEN_PID={listenPID!r} is not "
             "this process ({pid})",
             listenPID=listenPID,
@@ -101,10 +103,10 @@ def _declaredDescriptors(
         return []
     try:
         count = int(listenFDs or "")
-        if count < 0:
+        if not 0 <= count <= _mostDescriptors():
             raise ValueError(count)
     except ValueError:
-        log.error(
+        logger.error(
             "Ignoring inherited sockets: LISTEN_FDS={listenFDs!r} is not a "
             "count of descriptors",
             listenFDs=listenFDs,
@@ -117,7 +119,7 @@ def _declaredDescriptors(
         if len(given) == count:
             names = given
         else:
-            log.error(
+            logger.error(
                 "LISTEN_FDNAMES={rawNames!r} names {named} descriptors but "
                 "LISTEN_FDS={count}: matching them by address only",
                 rawNames=rawNames,
@@ -125,6 +127,44 @@ def _declaredDescriptors(
                 count=count,
             )
     return [(LISTEN_FDS_START + i, names[i]) for i in range(count)]
+
+
+def _mostDescriptors() -> int:
+    """
+    The most descriptors this process can hold.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+def _setCloseOnExec(fd: int) -> None:
+    """
+    Make C{fd} close-on-exec, if it is open.
+    """
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    except OSError:
+        pass
+
+
+def _closeOnExecAtImport(environ: MutableMapping[str, str], pid: int) -> None:
+    """
+    Keep every descriptor passed to this process (the listening sockets and
+    the control channel from a predecessor) out of the subprocesses that
+    the application may start before it listens: make them close-on-exec
+    now, long before they are claimed.  Nothing is removed from C{environ}.
+    """
+    # Quiet: inheritSockets reads the same variables again and logs then.
+    declared = _declaredDescriptors(environ, pid, Logger(observer=LogPublisher()))
+    if declared is None and "twisted.internet.endpoints" in sys.modules:
+        # Twisted's systemd: parser was imported first and took the variables.
+        declared = _twistedsCopy()
+    for fd, name in declared or ():
+        _setCloseOnExec(fd)
+    control = environ.get(CONTROL_FD_VARIABLE, "")
+    if control.isascii() and control.isdigit():
+        _setCloseOnExec(int(control))
 
 
 def _twistedsCopy() -> list[tuple[int, str]]:
@@ -234,7 +274,7 @@ def listenEnvironment(
     @raise ValueError: If a name cannot be carried in C{LISTEN_FDNAMES}.
     """
     for name in names:
-        if ":" in name or not name:
+        if ":" in name or "\0" in name or not name:
             raise ValueError(f"socket name {name!r} cannot be passed in LISTEN_FDNAMES")
     environment = {
         key: value for key, value in base.items() if key not in _LISTEN_VARIABLES
@@ -257,3 +297,12 @@ def trampoline(argv: Sequence[str], ignoreSignals: Sequence[int] = ()) -> list[s
     if ignoreSignals:
         script = f"trap '' {' '.join(str(int(s)) for s in ignoreSignals)}; " + script
     return ["/bin/sh", "-c", script, *argv]
+
+
+# What the environment said when this module was first imported: Twisted's
+# systemd: parser removes LISTEN_PID and LISTEN_FDS when it is imported, and
+# keeps nothing when LISTEN_FDNAMES is missing (as older launchers leave it).
+_atImport = {
+    key: os.environ[key] for key in _LISTEN_VARIABLES if key in os.environ
+}
+_closeOnExecAtImport(os.environ, os.getpid())

@@ -22,7 +22,11 @@ class _GraceEndpointParser:
 
     prefix = "grace"
 
-    def parseStreamServer(self, reactor: Any, *args: object, **kwargs: object) -> Any:
+    # Positional-only, so that reactor= or self= in a string is reported as an
+    # unknown parameter instead of raising TypeError here.
+    def parseStreamServer(  # type: ignore[override]
+        self, reactor: Any, /, *args: object, **kwargs: object
+    ) -> Any:
         from txgrace.endpoints import parseGraceEndpoint
 
         return parseGraceEndpoint(reactor, *args, **kwargs)

@@ -5,7 +5,7 @@ with the sockets it inherited, and report what it got as one JSON line.
 Run it as a script (not with C{-m}, which would import L{txgrace} before the
 chosen import order could take effect)::
 
-    python _inheritchild.py ORDER ENDPOINT...
+    python _inheritchild.py ORDER [--subprocess] ENDPOINT...
 
 C{ORDER} is C{twisted-first} (import L{twisted.internet.endpoints} before
 anything of txgrace, which lets Twisted's C{systemd:} parser consume
@@ -18,6 +18,12 @@ and which socket they hold; the inodes of every socket the child still holds
 (one entry per descriptor); and which C{LISTEN_*} variables were in the
 environment at start, after the first import, and at the end.  The reactor
 is never run: listening is synchronous.
+
+With C{--subprocess}, the child starts C{sleep 60} right after the imports,
+as an application might at import time, letting it inherit every descriptor
+that is not close-on-exec (C{close_fds=False}); the report then has its pid
+and the inode of a pipe that the child left inheritable on purpose, which
+the subprocess must hold.  The caller kills it.
 """
 
 import os
@@ -85,6 +91,27 @@ def main(order: str, descriptions: list) -> dict:
         raise SystemExit(f"unknown import order {order!r}")
     afterFirstImport = _environment()
 
+    spawned = {}
+    if descriptions[:1] == ["--subprocess"]:
+        import subprocess
+
+        descriptions = descriptions[1:]
+        readEnd, writeEnd = os.pipe()
+        os.set_inheritable(writeEnd, True)
+        sleeper = subprocess.Popen(
+            ["sleep", "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+        )
+        spawned = {
+            "subprocess": sleeper.pid,
+            "inheritableInode": os.fstat(writeEnd).st_ino,
+        }
+        os.close(readEnd)
+        os.close(writeEnd)
+
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo(
@@ -128,6 +155,7 @@ def main(order: str, descriptions: list) -> dict:
         "listenPIDIsMine": _listenPIDIsMine,
         "endpoints": endpoints,
         "fds": {str(fd): _describe(fd) for fd in (3, 4)},
+        **spawned,
         "socketInodes": _socketInodes(),
         "environmentAtStart": _atStart,
         "environmentAfterFirstImport": afterFirstImport,

@@ -14,9 +14,12 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import tempfile
 from typing import Any, Callable
 
+from hypothesis import assume, example, given, settings
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import (
@@ -41,7 +44,9 @@ from zope.interface import implementer
 
 from txgrace.adopt import GraceTCPPort, GraceUNIXPort, SocketRegistry
 from txgrace.adopt import registry as processRegistry
-from txgrace.endpoints import GraceServerEndpoint
+from txgrace.endpoints import GraceServerEndpoint, splitEndpoint, unparseEndpoint
+from txgrace.inherit import InheritedSocket
+from txgrace.test._strategies import canonicalEndpointTexts, endpointTexts
 from txgrace.testing import writeSelfSignedCertificate
 
 BODY = b"hello from txgrace"
@@ -198,7 +203,7 @@ class ParseTests(TestCase):
         whole string.
         """
         error = self.assertRaises(ValueError, serverFromString, reactor, description)
-        self.assertIn(repr(description), str(error))
+        self.assertIn(f"'{description}'", str(error))
         return error
 
     def test_tcp(self) -> None:
@@ -259,23 +264,179 @@ class ParseTests(TestCase):
 
     def test_empty(self) -> None:
         """
-        C{grace:} alone is refused.
+        C{grace:} alone, or with only parameters, is refused.
         """
-        self.assertInvalid("grace:")
+        self.assertMessage("grace:", "expected grace:<tcp|tcp6|ssl|unix>:...")
+        self.assertMessage("grace:=", "expected grace:<tcp|tcp6|ssl|unix>:...")
+
+    def assertMessage(self, description: str, problem: str) -> None:
+        """
+        Parsing C{description} raises L{ValueError} with exactly this message:
+        the string quoted, then C{problem}.
+        """
+        error = self.assertRaises(ValueError, serverFromString, reactor, description)
+        self.assertEqual(str(error), f"Invalid endpoint '{description}': {problem}")
 
     def test_badPort(self) -> None:
         """
         A port that is not a number is refused.
         """
-        self.assertInvalid("grace:tcp:notaport")
+        self.assertMessage("grace:tcp:notaport", "port 'notaport' is not a number")
+
+    def test_portTooLarge(self) -> None:
+        """
+        A port above 65535 is refused when the string is parsed, not with an
+        C{OverflowError} when it listens.
+        """
+        self.assertMessage("grace:tcp:99999", "port must be 0-65535, not 99999")
+
+    def test_portNegative(self) -> None:
+        """
+        A negative port is refused.
+        """
+        self.assertMessage("grace:ssl:-1", "port must be 0-65535, not -1")
+
+    def test_portMissing(self) -> None:
+        """
+        A TCP string needs a port, a UNIX string a path.
+        """
+        self.assertMessage("grace:tcp", "tcp needs a port")
+        self.assertMessage("grace:unix:mode=600", "unix needs the path of the socket")
+
+    def test_portKeyword(self) -> None:
+        """
+        The port may be given as C{port=}, but not twice.
+        """
+        endpoint = serverFromString(reactor, "grace:tcp:port=0")
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
+        self.assertMessage("grace:tcp:0:port=1", "port is given twice")
+
+    def test_unknownParameter(self) -> None:
+        """
+        A parameter that the type does not take is named, with the ones it
+        does take.
+        """
+        self.assertMessage(
+            "grace:tcp:8080:bogus=1",
+            "unknown parameter 'bogus' (tcp takes port, interface, backlog, name)",
+        )
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:interface=x",
+            "unknown parameter 'interface' "
+            "(unix takes address, mode, backlog, lockfile, name)",
+        )
+
+    def test_reactorParameter(self) -> None:
+        """
+        C{reactor=} (or C{self=}) is an unknown parameter like any other,
+        not a C{TypeError} from the plugin's own signature.
+        """
+        for key in ("reactor", "self"):
+            self.assertMessage(
+                f"grace:tcp:0:{key}=1",
+                f"unknown parameter '{key}' (tcp takes port, interface, backlog, name)",
+            )
+
+    def test_secondValue(self) -> None:
+        """
+        Only the port is given without C{key=}.
+        """
+        self.assertMessage(
+            "grace:tcp:0:127.0.0.1",
+            "unexpected '127.0.0.1': only the port is given without key= "
+            "(tcp takes port, interface, backlog, name)",
+        )
+
+    def test_badBacklog(self) -> None:
+        """
+        A backlog must be a number that C{listen()} takes.
+        """
+        self.assertMessage("grace:tcp:0:backlog=x", "backlog 'x' is not a number")
+        self.assertMessage(
+            "grace:tcp:0:backlog=99999999999",
+            "backlog must be 0-2147483647, not 99999999999",
+        )
+
+    def test_badMode(self) -> None:
+        """
+        A UNIX socket's mode is octal, at most 777.
+        """
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:mode=9", "mode '9' is not an octal number"
+        )
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:mode=4777", "mode must be 0-777 (octal), not 4777"
+        )
+
+    def test_badLockfile(self) -> None:
+        """
+        C{lockfile=} is 0 or 1.
+        """
+        self.assertMessage(
+            "grace:unix:/tmp/x.sock:lockfile=yes", "lockfile must be 0 or 1, not 'yes'"
+        )
 
     def test_missingCertificate(self) -> None:
         """
-        Key and certificate files that do not exist are refused.
+        Key and certificate files that do not exist are refused, naming the
+        first one.
         """
-        self.assertInvalid(
-            "grace:ssl:0:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem"
+        self.assertMessage(
+            "grace:ssl:0:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem",
+            "privateKey file '/nonexistent/k.pem' cannot be read: "
+            "No such file or directory",
         )
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey=/nonexistent/c.pem",
+            "certKey file '/nonexistent/c.pem' cannot be read: "
+            "No such file or directory",
+        )
+
+    def test_defaultKeyMissing(self) -> None:
+        """
+        Without C{privateKey=}, Twisted's default C{server.pem} is named.
+        """
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(os.path.dirname(self.keyPath))
+        self.assertMessage(
+            "grace:ssl:0",
+            "privateKey file 'server.pem' (the default) cannot be read: "
+            "No such file or directory",
+        )
+
+    def test_certificateMissing(self) -> None:
+        """
+        Without C{certKey=}, the key file must hold the certificate too; a
+        file with only a key is refused with a message that says so (not
+        OpenSSL's C{PEM routines ... no start line}).
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}",
+            f"certKey is missing, and privateKey file '{self.keyPath}' holds no "
+            "PEM certificate",
+        )
+
+    def test_keyIsNoKey(self) -> None:
+        """
+        A C{privateKey} file without a private key is refused.
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.certPath}:certKey={self.certPath}",
+            f"privateKey file '{self.certPath}' holds no unencrypted PEM private key",
+        )
+
+    def test_keyAndCertificateInOneFile(self) -> None:
+        """
+        A C{privateKey} file that holds the certificate too needs no
+        C{certKey=}.
+        """
+        both = os.path.join(os.path.dirname(self.keyPath), "both.pem")
+        with open(both, "wb") as out:
+            for path in (self.keyPath, self.certPath):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        endpoint = serverFromString(reactor, f"grace:ssl:0:privateKey={both}")
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
 
     def test_garbageCertificate(self) -> None:
         """
@@ -284,7 +445,10 @@ class ParseTests(TestCase):
         garbage = os.path.join(os.path.dirname(self.certPath), "garbage.pem")
         with open(garbage, "wb") as f:
             f.write(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
-        self.assertInvalid(f"grace:ssl:0:privateKey={self.keyPath}:certKey={garbage}")
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={garbage}",
+            f"certKey file '{garbage}' holds no PEM certificate",
+        )
 
     def test_unreadableCertificate(self) -> None:
         """
@@ -292,25 +456,78 @@ class ParseTests(TestCase):
         permissions would not stop root) is refused.
         """
         directory = os.path.dirname(self.certPath)
-        self.assertInvalid(f"grace:ssl:0:privateKey={self.keyPath}:certKey={directory}")
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={directory}",
+            f"certKey file '{directory}' cannot be read: Is a directory",
+        )
+
+    def test_mismatchedCertificate(self) -> None:
+        """
+        A certificate for another key is refused with Twisted's words.
+        """
+        _, otherCert = writeSelfSignedCertificate(self.mktemp())
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={otherCert}",
+            "ssl: Certificate public and private keys do not match.",
+        )
+
+    def test_badSSLMethod(self) -> None:
+        """
+        C{sslmethod=} must name an OpenSSL method.
+        """
+        self.assertMessage(
+            f"grace:ssl:0:privateKey={self.keyPath}:certKey={self.certPath}"
+            ":sslmethod=Context",
+            "sslmethod 'Context' is not an OpenSSL method such as TLS_METHOD",
+        )
 
     def test_nameWithColon(self) -> None:
         """
         A name with C{:} cannot be passed in C{LISTEN_FDNAMES}.
         """
+        self.assertMessage(
+            r"grace:tcp:0:name=a\:b",
+            "a name may not contain ':' (LISTEN_FDNAMES separates names with ':')",
+        )
         error = self.assertRaises(
             ValueError, GraceServerEndpoint, reactor, "tcp:0", name="a:b"
         )
         self.assertIn("'grace:tcp:0:name=", str(error))
 
+    def test_nameWithUnescapedColon(self) -> None:
+        """
+        L{serverFromString} reads C{name=a:b} as C{name=a} followed by a value
+        C{b}; the message says what that value probably is.
+        """
+        error = self.assertRaises(
+            ValueError, serverFromString, reactor, "grace:tcp:0:name=a:b"
+        )
+        self.assertEqual(
+            str(error),
+            "Invalid endpoint 'grace:tcp:0:b:name=a': unexpected 'b': is it part "
+            "of name=a? A name may not contain ':'",
+        )
+
     def test_emptyName(self) -> None:
         """
         An empty name is refused.
         """
+        self.assertMessage("grace:tcp:0:name=", "name= may not be empty")
         error = self.assertRaises(
             ValueError, GraceServerEndpoint, reactor, "tcp:0", name=""
         )
         self.assertIn("'grace:tcp:0:name=", str(error))
+
+    def test_loneBackslash(self) -> None:
+        """
+        An inner string that ends with a lone backslash is refused.
+        (L{serverFromString} itself raises C{RuntimeError} on such a
+        C{grace:} string before the grace parser is called.)
+        """
+        error = self.assertRaises(ValueError, GraceServerEndpoint, reactor, "tcp:0\\")
+        self.assertEqual(
+            str(error), "Invalid endpoint 'grace:tcp:0\\': it ends with a lone '\\'"
+        )
 
     def test_badStringWithNameQuotesAll(self) -> None:
         """
@@ -320,6 +537,125 @@ class ParseTests(TestCase):
         self.assertInvalid("grace:tcp:notaport:name=web")
         self.assertInvalid("grace:tcp:0:name=")
 
+
+def _twistedReads(text: str) -> bool:
+    """
+    Whether L{serverFromString} hands C{"grace:" + text} to the grace parser
+    at all.  Its own tokenizer raises C{RuntimeError} on a trailing lone
+    backslash, and C{UnicodeEncodeError} (a L{ValueError} that does not
+    quote the string) on a key that is not ASCII, before the grace parser
+    is called.
+    """
+    if (len(text) - len(text.rstrip("\\"))) % 2 == 1:
+        return False
+    return all(key.isascii() for key in splitEndpoint(text)[1])
+
+
+class ParsePropertyTests(TestCase):
+    """
+    Any text after C{grace:} either parses or raises L{ValueError} that
+    quotes the string, in one line.
+    """
+
+    def setUp(self) -> None:
+        # Relative file names in ssl: strings are looked up here.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+
+    def parse(self, description: str) -> GraceServerEndpoint | ValueError:
+        """
+        Parse C{description} as C{twist txgrace --endpoint} does, with no
+        reactor; any exception but L{ValueError} fails the test.
+        """
+        try:
+            endpoint = serverFromString(None, description)
+        except ValueError as e:
+            return e
+        self.assertIsInstance(endpoint, GraceServerEndpoint)
+        return endpoint
+
+    def assertQuotes(self, result: GraceServerEndpoint | ValueError, quoted: str) -> None:
+        """
+        C{result} is an endpoint described by C{quoted}, or an error whose
+        one-line message quotes it.
+        """
+        if isinstance(result, GraceServerEndpoint):
+            self.assertEqual(result.description, quoted)
+            return
+        prefix = f"Invalid endpoint '{quoted}': "
+        message = str(result)
+        self.assertEqual(message[: len(prefix)], prefix)
+        problem = message[len(prefix) :]
+        self.assertNotEqual(problem, "")
+        self.assertNotIn("\n", problem)
+
+    @settings(max_examples=200, deadline=None)
+    @given(endpointTexts)
+    @example("=")
+    @example("tcp:0:reactor=1:self=2")
+    @example("unix:\0:name=\0")
+    def test_anyText(self, text: str) -> None:
+        """
+        Any text parses or raises L{ValueError}, quoting the string as
+        Twisted's parser split it (values without a key first, escapes
+        only where needed).
+        """
+        assume(_twistedReads(text))
+        args, kwargs = splitEndpoint(text)
+        self.assertQuotes(
+            self.parse("grace:" + text),
+            "grace:" + unparseEndpoint(tuple(args), dict(kwargs)),
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(canonicalEndpointTexts())
+    def test_canonicalText(self, text: str) -> None:
+        """
+        A string written the usual way is quoted exactly as written.
+        """
+        assume(_twistedReads(text))
+        description = "grace:" + text
+        self.assertQuotes(self.parse(description), description)
+
+
+class CommandLineTests(TestCase):
+    """
+    A bad endpoint string on C{twist txgrace}'s command line.
+    """
+
+    def test_portTooLarge(self) -> None:
+        """
+        C{--endpoint grace:tcp:99999} exits with a usage error: one line
+        that quotes the string and says what is wrong, and no traceback.
+        """
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "txgrace",
+                "--endpoint",
+                "grace:tcp:99999",
+                "--app",
+                "x.y",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        output = (result.stdout + result.stderr).decode()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", output)
+        mentions = [line for line in output.splitlines() if "grace:tcp:99999" in line]
+        self.assertEqual(
+            mentions,
+            [
+                "Error: Invalid endpoint 'grace:tcp:99999': "
+                "port must be 0-65535, not 99999"
+            ],
+        )
 
 
 class ServeTests(_ServingMixin, TestCase):
@@ -529,6 +865,122 @@ class AdoptionTests(_ServingMixin, TestCase):
         await self.assertQuietSecondsFollowsTraffic(
             _isolated(f"unix:{path}"), lambda port: UNIXClientEndpoint(reactor, path)
         )
+
+
+def _localhostIsLoopback() -> bool:
+    """
+    Whether C{localhost} resolves to 127.0.0.1 first, as it does on almost
+    every host (from C{/etc/hosts}, without a query on the network).
+    """
+    info = socket.getaddrinfo(
+        "localhost", 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    return bool(info) and info[0][4][0] == "127.0.0.1"
+
+
+class HostNameTests(_ServingMixin, TestCase):
+    """
+    C{interface=} with a host name is resolved before it is matched with the
+    addresses of inherited sockets, which are numeric.
+    """
+
+    def setUp(self) -> None:
+        if not _localhostIsLoopback():
+            self.skipTest("localhost does not resolve to 127.0.0.1 here")
+
+    def inherited(self, name: str) -> tuple[SocketRegistry, int, int]:
+        """
+        A registry that inherited, under C{name}, a copy of a socket
+        listening on 127.0.0.1.
+
+        @return: The registry, the port, and the socket's inode.
+        """
+        skt = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(skt.close)
+        skt.bind(("127.0.0.1", 0))
+        skt.listen()
+        port = skt.getsockname()[1]
+        fd = os.dup(skt.fileno())
+        os.set_blocking(fd, False)
+        inherited = InheritedSocket(fd, name, socket.AF_INET, ("127.0.0.1", port))
+        registry = SocketRegistry(inherit=lambda: [inherited])
+        # Closes the copy if the endpoint did not adopt it.
+        self.addCleanup(registry.closeUnclaimed)
+        return registry, port, os.fstat(fd).st_ino
+
+    async def assertAdopts(
+        self, description: str, registry: SocketRegistry, port: int, inode: int
+    ) -> None:
+        """
+        Listening on C{description} adopts the inherited socket.
+        """
+        endpoint = GraceServerEndpoint(reactor, description, registry=registry)
+        listening = await self.listen(endpoint)
+        host = listening.getHost()
+        self.assertEqual((host.host, host.port), ("127.0.0.1", port))
+        self.assertEqual(os.fstat(listening.fileno()).st_ino, inode)
+        self.assertEqual(registry.inherited(), [])
+
+    async def test_portZeroByName(self) -> None:
+        """
+        C{tcp:0:interface=localhost} adopts the socket named after it (as a
+        predecessor passes it), bound to 127.0.0.1 on some port.
+        """
+        registry, port, inode = self.inherited("tcp/localhost/0")
+        await self.assertAdopts("tcp:0:interface=localhost", registry, port, inode)
+
+    async def test_portByAddress(self) -> None:
+        """
+        C{tcp:PORT:interface=localhost} adopts an unnamed inherited socket
+        bound to 127.0.0.1:PORT (as systemd passes it), instead of binding
+        again and failing with EADDRINUSE.
+        """
+        registry, port, inode = self.inherited("unknown")
+        await self.assertAdopts(
+            f"tcp:{port}:interface=localhost", registry, port, inode
+        )
+
+    async def test_freshSocket(self) -> None:
+        """
+        With nothing inherited, C{interface=localhost} binds 127.0.0.1.
+        """
+        port = await self.listen(_isolated("tcp:0:interface=localhost"))
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+
+    async def test_unresolvable(self) -> None:
+        """
+        A host name that cannot be resolved fails the listen with
+        L{CannotListenError} naming it.  (C{a..b} fails before any query is
+        sent.)
+        """
+        endpoint = _isolated("tcp:0:interface=a..b")
+        error = await self.assertFailure(endpoint.listen(_site()), CannotListenError)
+        self.assertIn("a..b", str(error))
+        self.assertEqual(endpoint.registry.ports, {})
+
+
+class HostNameRestartTests(TestCase):
+    """
+    A restart of C{twist txgrace} on C{interface=localhost}.
+    """
+
+    def test_restartKeepsServing(self) -> None:
+        """
+        The successor adopts the socket on 127.0.0.1 and serves on the same
+        port, instead of binding a new one.
+        """
+        if not _localhostIsLoopback():
+            self.skipTest("localhost does not resolve to 127.0.0.1 here")
+        from txgrace.test.test_process import startServer
+        from txgrace.test.test_restart import get, restart
+
+        server, serving = startServer(
+            self, "--endpoint", "grace:tcp:0:interface=localhost"
+        )
+        self.assertEqual(serving.addresses[0][1], "127.0.0.1")
+        successor = restart(server, serving)
+        self.assertEqual(successor.addresses, serving.addresses)
+        self.assertIn(f"pid {successor.pid}".encode(), get(serving.port()))
 
 
 class ListenFailureTests(TestCase):

@@ -14,11 +14,15 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 from typing import Any, Sequence
+from urllib.parse import unquote
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
@@ -26,6 +30,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from txgrace.endpoints import SUPPORTED_TYPES, socketKey
+from txgrace.test._strategies import addresses, socketNames
 from txgrace.test.test_endpoints import _ipv6Loopback
 
 from txgrace.inherit import (
@@ -289,6 +295,61 @@ class ListenEnvironmentTests(TestCase):
         self.assertEqual(wrapped[3:], argv)
 
 
+class NamePropertyTests(TestCase):
+    """
+    Socket names survive C{LISTEN_FDNAMES}, which separates them with
+    colons.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(SUPPORTED_TYPES), addresses), max_size=5))
+    def test_socketKeysRoundTrip(self, sockets: list[tuple[str, str]]) -> None:
+        """
+        Names made by L{socketKey} never contain C{:} or NUL, and come back
+        from L{listenEnvironment} through L{_declaredDescriptors} unchanged
+        and in order.
+        """
+        names = [socketKey(kind, address) for kind, address in sockets]
+        for name in names:
+            self.assertNotIn(":", name)
+            self.assertNotIn("\0", name)
+        environ = listenEnvironment({}, names)
+        environ["LISTEN_PID"] = "123"
+        self.assertEqual(
+            _declaredDescriptors(environ, 123),
+            [(3 + i, name) for i, name in enumerate(names)],
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.sampled_from(SUPPORTED_TYPES), addresses)
+    def test_socketKeysDecode(self, kind: str, address: str) -> None:
+        """
+        A name decodes (as a URL does) to its type and address, so two
+        addresses never share a name.
+        """
+        self.assertEqual(unquote(socketKey(kind, address)), f"{kind}/{address}")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(socketNames, max_size=5))
+    def test_anyNames(self, names: list[str]) -> None:
+        """
+        Any names are either passed and read back unchanged, or refused
+        with L{ValueError} because one is empty or has C{:} or NUL.
+        """
+        passable = all(name and ":" not in name and "\0" not in name for name in names)
+        try:
+            environ = listenEnvironment({}, names)
+        except ValueError:
+            self.assertFalse(passable)
+            return
+        self.assertTrue(passable)
+        environ["LISTEN_PID"] = "123"
+        self.assertEqual(
+            _declaredDescriptors(environ, 123),
+            [(3 + i, name) for i, name in enumerate(names)],
+        )
+
+
 class _Child(ProcessProtocol):
     """
     Collects a child's output and tells when it has ended.
@@ -325,6 +386,30 @@ class _Child(ProcessProtocol):
         d: Deferred[None] = Deferred()
         self._waiting.append(d)
         return d
+
+
+def _kill(pid: int) -> None:
+    """
+    Kill process C{pid}, if it still runs.
+    """
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _heldInodes(pid: int) -> list[int]:
+    """
+    The inodes of every file that process C{pid} holds open.
+    """
+    inodes = []
+    directory = f"/proc/{pid}/fd"
+    for entry in os.listdir(directory):
+        try:
+            inodes.append(os.stat(os.path.join(directory, entry)).st_ino)
+        except OSError:
+            continue
+    return inodes
 
 
 class _ChildMixin:
@@ -365,6 +450,9 @@ class _ChildMixin:
         endpoints: Sequence[str],
         listenPID: str | None = None,
         withNames: bool = True,
+        subprocess: bool = False,
+        extraFDs: dict[int, int] | None = None,
+        extraEnvironment: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """
         Run the child script with C{sockets} as descriptors 3, 4, ... named
@@ -374,12 +462,18 @@ class _ChildMixin:
             this C{LISTEN_PID}.
         @param withNames: If false, leave C{LISTEN_FDNAMES} out, as launchers
             older than systemd 227 do.
+        @param subprocess: Have the child start a subprocess after its
+            imports (see C{_inheritchild.py}); it is killed in cleanup.
+        @param extraFDs: More descriptors for the child, by child number.
+        @param extraEnvironment: More environment variables for the child.
         @return: The child's report.
         """
         environment = listenEnvironment(os.environ, names)
+        environment.update(extraEnvironment or {})
         if not withNames:
             del environment["LISTEN_FDNAMES"]
-        argv = [sys.executable, CHILD_SCRIPT, self.order, *endpoints]
+        flags = ["--subprocess"] if subprocess else []
+        argv = [sys.executable, CHILD_SCRIPT, self.order, *flags, *endpoints]
         if listenPID is None:
             executable, args = "/bin/sh", trampoline(argv)
         else:
@@ -388,6 +482,7 @@ class _ChildMixin:
         childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         for number, skt in enumerate(sockets, start=3):
             childFDs[number] = skt.fileno()
+        childFDs.update(extraFDs or {})
         child = _Child()
         process = reactor.spawnProcess(
             child, executable, args, env=environment, childFDs=childFDs
@@ -412,6 +507,8 @@ class _ChildMixin:
         lines = child.out.decode().splitlines()
         self.assertEqual(len(lines), 1, child.out)
         report: dict[str, Any] = json.loads(lines[0])
+        if subprocess:
+            self.addCleanup(_kill, report["subprocess"])
         self.assertEqual(
             report["environmentAtEnd"],
             dict.fromkeys(VARIABLES),
@@ -562,6 +659,35 @@ class _ChildMixin:
         systemd, grace = report["endpoints"]
         self.assertAdopted(systemd, portA, inodeA)
         self.assertAdopted(grace, portB, inodeB)
+
+
+    async def test_subprocessAtImportInheritsNothing(self) -> None:
+        """
+        A subprocess that the application starts at import time, before any
+        socket is claimed, holds neither the inherited listening sockets
+        nor the control channel from the predecessor: all are close-on-exec
+        from the moment txgrace is imported.
+        """
+        sockA, portA, inodeA = self.listeningSocket()
+        sockB, portB, inodeB = self.listeningSocket()
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        controlInode = os.fstat(writeEnd).st_ino
+        report = await self.runChild(
+            [sockA, sockB],
+            ["web", "other"],
+            ["grace:tcp:0:interface=127.0.0.1:name=web"],
+            subprocess=True,
+            extraFDs={5: writeEnd},
+            extraEnvironment={"TXGRACE_CONTROL_FD": "5"},
+        )
+        held = _heldInodes(report["subprocess"])
+        # The check can see an inherited descriptor: the one left inheritable.
+        self.assertIn(report["inheritableInode"], held)
+        self.assertNotIn(inodeA, held)
+        self.assertNotIn(inodeB, held)
+        self.assertNotIn(controlInode, held)
 
 
 class TwistedFirstChildTests(_ChildMixin, TestCase):
