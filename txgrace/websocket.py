@@ -53,7 +53,9 @@ class AutobahnDrain:
         self._protocol = protocol
 
     def drain(self) -> None:
-        self._protocol.sendClose(GOING_AWAY, "going away")
+        # sendClose() refuses 1001 (a server's code, not an application's);
+        # sendCloseFrame() starts the same closing handshake with it.
+        self._protocol.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"going away")
 
 
 def registerWebSocketAdapters() -> None:
