@@ -422,10 +422,13 @@ class GraceUNIXPort(_GracePort, unix.Port):
 
     transport = TrackedUNIXServer
     _shouldShutdown = False
+    #: The socket file's path, read from the socket itself (Twisted's own
+    #: attribute for it changed name in 26.10).
+    path: bytes = b""
 
     def connectionLost(self, reason: Failure) -> None:
         if not self.registry.handingOver:
-            path = os.fsdecode(self._bindPath)
+            path = os.fsdecode(self.path)
             if path and not path.startswith("\0"):
                 try:
                     os.unlink(path)
@@ -549,8 +552,10 @@ def adoptPort(
         if family == socket.AF_UNIX:
             unixPort = GraceUNIXPort._fromListeningDescriptor(reactor, fd, factory)
             unixPort.backlog = backlog
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                path = os.fsencode(sock.getsockname())
+            unixPort.path = path
             # Keep the mode the socket file has, which a handover never changes.
-            path = os.fsencode(unixPort._bindPath)
             if path and not path.startswith(b"\0"):
                 unixPort.mode = stat.S_IMODE(os.stat(path).st_mode)
             port = unixPort
