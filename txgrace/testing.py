@@ -416,7 +416,7 @@ class _Reader:
 
     def __init__(self, skt: socket.socket) -> None:
         self._socket = skt
-        self._buffer = b""
+        self._pending = b""
         self.received = 0
 
     def _fill(self) -> None:
@@ -424,24 +424,24 @@ class _Reader:
         if not chunk:
             raise EOFError()
         self.received += len(chunk)
-        self._buffer += chunk
+        self._pending += chunk
 
     def until(self, delimiter: bytes) -> bytes:
         """
         Everything up to C{delimiter}, which is consumed too.
         """
-        while delimiter not in self._buffer:
+        while delimiter not in self._pending:
             self._fill()
-        data, _, self._buffer = self._buffer.partition(delimiter)
+        data, _, self._pending = self._pending.partition(delimiter)
         return data
 
     def exactly(self, length: int) -> bytes:
         """
         The next C{length} bytes.
         """
-        while len(self._buffer) < length:
+        while len(self._pending) < length:
             self._fill()
-        data, self._buffer = self._buffer[:length], self._buffer[length:]
+        data, self._pending = self._pending[:length], self._pending[length:]
         return data
 
     def rest(self) -> bytes:
@@ -453,7 +453,7 @@ class _Reader:
                 self._fill()
         except EOFError:
             pass
-        data, self._buffer = self._buffer, b""
+        data, self._pending = self._pending, b""
         return data
 
 
