@@ -275,6 +275,13 @@ class ProcessLifecycle:
         if self.installed:
             self.settings = resolve(self._code, self._environ)
 
+    def configureGiven(self, **settings: Any) -> None:
+        """
+        L{configure} with the settings that are not L{None} (the others are
+        left to the environment and the defaults).
+        """
+        self.configure(**{k: v for k, v in settings.items() if v is not None})
+
     # Start and readiness
 
     def install(self) -> None:

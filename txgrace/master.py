@@ -101,14 +101,13 @@ class MasterService(Service):
         self._reactor = reactor
         self._registry = processRegistry if registry is None else registry
         self.lifecycle = lifecycleFor(self._registry, reactor)
-        given = dict(
+        self.lifecycle.configureGiven(
             hammerTimeout=hammerTimeout,
             readyTimeout=readyTimeout,
             pidFile=pidFile,
             restartSignals=restartSignals,
             shutdownDelay=shutdownDelay,
         )
-        self.lifecycle.configure(**{k: v for k, v in given.items() if v is not None})
         self._descriptions = list(endpoints)
         self._slots = [_Slot(n) for n in range(1, workers + 1)]
         self._command = command

@@ -96,14 +96,13 @@ class GraceService(MultiService):
             reactor = globalReactor
         self._reactor = reactor
         self.lifecycle = lifecycleFor(registry, reactor)
-        given = dict(
+        self.lifecycle.configureGiven(
             hammerTimeout=hammerTimeout,
             readyTimeout=readyTimeout,
             pidFile=pidFile,
             restartSignals=restartSignals,
             shutdownDelay=shutdownDelay,
         )
-        self.lifecycle.configure(**{k: v for k, v in given.items() if v is not None})
         if not installSignalHandlers:
             self.lifecycle.installSignalHandlers = False
 
