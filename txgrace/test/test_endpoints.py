@@ -652,7 +652,7 @@ class CommandLineTests(TestCase):
         self.assertEqual(
             mentions,
             [
-                "Error: Invalid endpoint 'grace:tcp:99999': "
+                "twist txgrace: error: Invalid endpoint 'grace:tcp:99999': "
                 "port must be 0-65535, not 99999"
             ],
         )
