@@ -183,6 +183,91 @@ def listenFDNames(listenFDs: systemd.ListenFDs) -> list[str]:
     return list(getattr(listenFDs, "_names", ()))
 
 
+# -- Connections that move (txgrace.handoff) --------------------------------
+
+
+def httpChannelAtRest(channel: Any) -> bool:
+    """
+    Whether an HTTP/1.1 channel is between requests: none in flight or
+    being parsed, nothing buffered behind a paused one, and it will not
+    close by itself after the last response.
+    """
+    # HTTPChannel._handlingRequest and ._dataBuffer: a request is being
+    # handled, and the bytes received behind it (pipelined) while it was.
+    # No public accessor.  Present in 26.4.0 and 26.10.0 (both came with
+    # the pipelining rework of 16.x).  requests, persistent and line_mode
+    # are public-named.
+    return (
+        not channel.requests
+        and not getattr(channel, "_handlingRequest", False)
+        and not getattr(channel, "_dataBuffer", None)
+        and bool(channel.persistent)
+        and bool(getattr(channel, "line_mode", 1))
+    )
+
+
+def receivedAhead(channel: Any) -> bool:
+    """
+    Whether an HTTP/1.1 channel holds bytes received after the request it
+    is handling: a pipelined request, or the start of one.
+    """
+    # HTTPChannel._dataBuffer (see httpChannelAtRest) and the line buffer
+    # (see unparsedBytes).
+    return bool(unparsedBytes(channel)) or bool(getattr(channel, "_dataBuffer", None))
+
+
+def pendingWriteBytes(transport: Any) -> int:
+    """
+    How many bytes C{transport} (an L{abstract.FileDescriptor}) holds that
+    the kernel has not taken yet.
+    """
+    # FileDescriptor.dataBuffer and .offset (public-named) and ._tempDataLen
+    # (private): the write buffer.  No public accessor.  Present in 26.4.0
+    # and 26.10.0, and since Twisted 8.
+    return (
+        len(getattr(transport, "dataBuffer", b""))
+        - getattr(transport, "offset", 0)
+        + getattr(transport, "_tempDataLen", 0)
+    )
+
+
+def forgetConnection(transport: Any, reason: Any) -> None:
+    """
+    Let go of a connection that another process now owns: close this
+    process's descriptor without C{shutdown()}, which would end the
+    connection for every process holding it, and tell its protocol (with
+    C{reason}).  The transport must be neither reading nor writing.
+    """
+    # tcp._SocketCloser._shouldShutdown, as for ports (see withoutShutdown);
+    # set on the instance.  Then the transport's own connectionLost, which
+    # is what the reactor calls once a connection is gone.  Present in
+    # 26.4.0 and 26.10.0.
+    transport._shouldShutdown = False
+    transport.connectionLost(reason)
+
+
+def serveAcceptedSocket(port: Any, skt: Any, address: Any) -> Any:
+    """
+    Serve C{skt}, a connected socket of C{port}'s kind, as if C{port} had
+    just accepted it: its factory's protocol on its transport class.
+
+    @return: The transport, or L{None} if the factory refused the
+        connection (C{skt} is then closed).
+    """
+    # Port._buildAddr (tcp and unix) and the steps of Port.doRead after
+    # accept(): there is no public way to give a port a socket it did not
+    # accept.  Present in 26.4.0 and 26.10.0; believed since 10.1.
+    protocol = port.factory.buildProtocol(port._buildAddr(address))
+    if protocol is None:
+        skt.close()
+        return None
+    sessionno = port.sessionno
+    port.sessionno = sessionno + 1
+    transport = port.transport(skt, protocol, address, port, sessionno, port.reactor)
+    protocol.makeConnection(transport)
+    return transport
+
+
 # -- Public-named internals -------------------------------------------------
 #
 # Not underscored, so not routed here, but undocumented, and txgrace.adopt
@@ -250,6 +335,9 @@ def _privateNames() -> list[tuple[str, object, str]]:
         ("unix.Port._shouldShutdown", unix.Port, "_shouldShutdown"),
         ("http._GenericHTTPChannelProtocol", http, "_GenericHTTPChannelProtocol"),
         ("http.HTTPChannel._buffer", http.HTTPChannel, "_buffer"),
+        ("tcp.Port._buildAddr", tcp.Port, "_buildAddr"),
+        ("unix.Port._buildAddr", unix.Port, "_buildAddr"),
+        ("tcp.Server._shouldShutdown", tcp.Server, "_shouldShutdown"),
         ("endpoints._SystemdParser", endpoints, "_SystemdParser"),
         (
             "StreamServerEndpointService._raiseSynchronously",
@@ -269,6 +357,16 @@ def _privateNames() -> list[tuple[str, object, str]]:
     return names
 
 
+def _fileDescriptorInit() -> str:
+    # FileDescriptor sets _tempDataLen in __init__, which needs a reactor:
+    # read its source instead of making one.
+    import inspect
+
+    from twisted.internet import abstract
+
+    return inspect.getsource(abstract.FileDescriptor.__init__)
+
+
 def missingNames() -> list[str]:
     """
     The private Twisted names used here that the installed Twisted lacks.
@@ -283,6 +381,12 @@ def missingNames() -> list[str]:
         missing.append("systemd.ListenFDs._names")
     if not hasattr(http.HTTPFactory().buildProtocol(None), "_channel"):
         missing.append("http._GenericHTTPChannelProtocol._channel")
+    channel = http.HTTPChannel()
+    for name in ("_handlingRequest", "_dataBuffer"):
+        if not hasattr(channel, name):
+            missing.append(f"http.HTTPChannel.{name}")
+    if "_tempDataLen" not in _fileDescriptorInit():
+        missing.append("abstract.FileDescriptor._tempDataLen")
     if h2ConnectionClass() is None:
         try:
             import h2  # noqa: F401

@@ -5,12 +5,20 @@ protocol knows, wait for all of them to close, and abort the rest at the
 hammer deadline.
 
 Policies:
-  - HTTP/1.1: a request in flight ends with C{Connection: close}; a
-    connection that is idle and has been quiet for L{IDLE_QUIET_SECONDS} is
-    closed at once; one that was active only a moment ago is left open that
-    long, and any request it sends meanwhile is answered with
-    C{Connection: close}.  Closing a connection the instant it went idle
-    races with a client that is already sending its next request on it.
+  - Any connection that can move (L{txgrace.handoff}) when a successor
+    takes them: it goes to the successor as soon as it is between two
+    exchanges; a request in flight finishes here first, with no
+    C{Connection: close}.  One that the successor does not take is drained
+    as below.
+  - HTTP/1.1: the last request already received ends with C{Connection:
+    close} (those pipelined before it are answered first); a response
+    already being written (a stream) ends as it began, and the connection
+    is then idle.  An idle connection, never used or between requests, is
+    kept until it has been quiet for the idle grace
+    (L{IDLE_GRACE_SECONDS}), and a request it sends meanwhile is answered
+    with C{Connection: close}.  Closing a connection the instant it went
+    idle races with a client that is already sending its next request on
+    it, or that connected just before the stop and has not sent yet.
   - HTTP/2: a GOAWAY frame (NO_ERROR) whose last stream id is the largest
     there is, which tells the client to open no more streams; for
     L{H2_GOAWAY_GRACE_SECONDS} the streams it sent before it read that are
@@ -44,6 +52,7 @@ from twisted.web.http import HTTPChannel
 from txgrace._twisted import (
     h2ConnectionClass,
     h2StreamHandler,
+    receivedAhead,
     setH2StreamHandler,
     unparsedBytes,
     wrappedHTTPChannel,
@@ -53,10 +62,22 @@ from txgrace.websocket import registerWebSocketAdapters, upgradedProtocol
 
 log = Logger()
 
-IDLE_QUIET_SECONDS = 1.0
+IDLE_GRACE_SECONDS = 5.0
 """
-How long an idle HTTP/1.1 connection must have been quiet to be closed at
-once by a drain.
+How long an idle HTTP/1.1 connection must have been quiet to be closed by a
+drain (gunicorn and tableflip keep one 5 s).
+"""
+
+IN_FLIGHT_POLL_SECONDS = 0.25
+"""
+How often a drain looks again at an HTTP/1.1 connection whose response is
+being written, to treat it as idle once it is done.
+"""
+
+MOVE_POLL_SECONDS = (0.01, 0.5)
+"""
+How soon, and at most how long after, a drain looks again at a busy
+connection that is to move to the successor: the wait doubles each time.
 """
 
 PACE_INTERVAL_SECONDS = 0.05
@@ -84,12 +105,14 @@ class DrainResult:
     @ivar seconds: How long the drain took.
     @ivar failed: Connections whose drain raised an exception (each is
         logged).
+    @ivar handedOff: Connections that moved to the successor.
     """
 
     opened: int
     aborted: int
     seconds: float
     failed: int = 0
+    handedOff: int = 0
 
 
 def applicationProtocol(connection: Any) -> Any:
@@ -116,10 +139,21 @@ def applicationProtocol(connection: Any) -> Any:
     return protocol
 
 
-def _closeAfterResponse(request: Any, version: bytes) -> bool:
-    # Stands in for HTTPChannel.checkPersistence once a drain has begun.
-    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-    return False
+def _closeAfterLastReceived(channel: HTTPChannel) -> Callable[[Any, bytes], bool]:
+    """
+    What stands in for C{channel.checkPersistence} once a drain has begun:
+    the last request received is answered with C{Connection: close}; any
+    received before it, pipelined, are answered first.
+    """
+    original = channel.checkPersistence
+
+    def checkPersistence(request: Any, version: bytes) -> bool:
+        if receivedAhead(channel):
+            return bool(original(request, version))
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+    return checkPersistence
 
 
 def _isH2(protocol: Any) -> bool:
@@ -143,22 +177,26 @@ class Drain:
         clock: IReactorTime,
         connections: set[Any],
         hammerTimeout: float | None,
-        idleQuietSeconds: float = IDLE_QUIET_SECONDS,
+        idleGrace: float = IDLE_GRACE_SECONDS,
         drainRate: float = 0.0,
+        handoff: Any = None,
     ) -> None:
         self._clock = clock
+        self._handoff = handoff
         self._drainRate = drainRate
         self._paced: deque[tuple[Any, Any]] = deque()
         self._pacer: IDelayedCall | None = None
         self._connections = connections
         self._hammerTimeout = hammerTimeout
-        self._idleQuiet = idleQuietSeconds
+        self._idleGrace = idleGrace
+        self._drainingHTTP: set[Any] = set()
         self._done: Deferred[DrainResult] = Deferred()
         self._started = 0.0
         self._opened = 0
         self._aborted: set[Any] = set()
         self._failed: set[Any] = set()
         self._calls: list[IDelayedCall] = []
+        self._pruneAt = 1024
         self._finished = False
 
     def start(self) -> Deferred[DrainResult]:
@@ -193,7 +231,14 @@ class Drain:
         """
         # abortConnection() takes effect on the next reactor turn: a second
         # hammer before then must not abort (or count) them again.
-        remaining = [c for c in self._connections if c not in self._aborted]
+        # A connection in transit to the successor is not aborted: the
+        # successor may own it already.
+        moving = self._handoff.moving if self._handoff is not None else None
+        remaining = [
+            c
+            for c in self._connections
+            if c not in self._aborted and not (moving is not None and moving(c))
+        ]
         if not remaining or self._finished:
             return
         now = self._clock.seconds()
@@ -225,7 +270,10 @@ class Drain:
         Call C{f(*args)} for C{connection} after C{delay} seconds, unless the
         drain is done by then; a failure counts against C{connection}.
         """
-        self._calls = [call for call in self._calls if call.active()]
+        if len(self._calls) >= self._pruneAt:
+            # Amortised: a drain of 10k connections schedules 10k calls.
+            self._calls = [call for call in self._calls if call.active()]
+            self._pruneAt = max(1024, 2 * len(self._calls))
         self._calls.append(
             self._clock.callLater(delay, self._guarded, connection, f, *args)
         )
@@ -247,6 +295,36 @@ class Drain:
             )
 
     def _ask(self, connection: Any) -> None:
+        if self._handoff is not None:
+            handoff = self._handoff.handoffFor(connection)
+            if handoff is not None:
+                # From the next reactor turn on: the successor hears GO first.
+                self._later(0, connection, self._move, connection, handoff, MOVE_POLL_SECONDS[0])
+                return
+        self._askToFinish(connection)
+
+    def _move(self, connection: Any, handoff: Any, wait: float) -> None:
+        """
+        Pass C{connection} to the successor once it is between two
+        exchanges; drain it here if the successor does not take it.
+        """
+        if connection not in self._connections or self._finished:
+            return
+        state = self._handoff.readyToMove(connection, handoff)
+        if state is None:
+            self._later(
+                wait, connection, self._move, connection, handoff,
+                min(wait * 2, MOVE_POLL_SECONDS[1]),
+            )
+            return
+
+        def moved(took: bool) -> None:
+            if not took and connection in self._connections:
+                self._guarded(connection, self._askToFinish, connection)
+
+        self._handoff.move(connection, state).addCallback(moved)
+
+    def _askToFinish(self, connection: Any) -> None:
         protocol = applicationProtocol(connection)
         drainable = IDrainable(protocol, None)
         if drainable is not None:
@@ -284,21 +362,33 @@ class Drain:
     def _drainHTTP11(self, connection: Any, channel: HTTPChannel) -> None:
         if connection not in self._connections:
             return
-        channel.checkPersistence = _closeAfterResponse  # type: ignore[method-assign]
+        if connection not in self._drainingHTTP:
+            self._drainingHTTP.add(connection)
+            channel.checkPersistence = _closeAfterLastReceived(channel)  # type: ignore[method-assign]
         if channel.requests:
-            # In flight: the client gets the whole response, then EOF.
-            # (Never on an idle channel: it would swallow the next request.)
-            channel.persistent = False
-            for request in channel.requests:
-                if not request.startedWriting:
-                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            head = channel.requests[0]
+            if len(channel.requests) == 1 and not head.startedWriting and not receivedAhead(channel):
+                # The last request: the client gets the whole response, then
+                # EOF.  (Never on an idle channel: it would swallow the next
+                # request.)
+                channel.persistent = False
+                head.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                return
+            # A response already under way (the client was promised
+            # keep-alive), or pipelined requests to answer first: look
+            # again once they are done.
+            self._later(
+                IN_FLIGHT_POLL_SECONDS, connection, self._drainHTTP11, connection, channel
+            )
             return
+        if not channel.persistent:
+            return  # It closes after its last response.
         quiet = connection.quietSeconds(self._clock.seconds())
-        if quiet >= self._idleQuiet and not unparsedBytes(channel):
+        if quiet >= self._idleGrace and not unparsedBytes(channel):
             channel.loseConnection()
         else:
             self._later(
-                max(self._idleQuiet - quiet, 0.01),
+                max(self._idleGrace - quiet, 0.01),
                 connection,
                 self._drainHTTP11,
                 connection,
@@ -370,12 +460,14 @@ class Drain:
             len(self._aborted),
             self._clock.seconds() - self._started,
             len(self._failed),
+            self._handoff.handedOff if self._handoff is not None else 0,
         )
         log.info(
-            "Drained {opened} connections in {seconds}s, aborted {aborted}, "
-            "failed {failed}",
+            "Drained {opened} connections in {seconds}s: handed off "
+            "{handedOff}, aborted {aborted}, failed {failed}",
             opened=result.opened,
             seconds=round(result.seconds, 3),
+            handedOff=result.handedOff,
             aborted=result.aborted,
             failed=result.failed,
         )
@@ -428,15 +520,27 @@ def drainConnections(
     registry: Any,
     hammerTimeout: float | None,
     drainRate: float = 0.0,
+    idleGrace: float = IDLE_GRACE_SECONDS,
+    handoff: Any = None,
 ) -> tuple[Drain, Deferred[DrainResult]]:
     """
     Drain every connection in C{registry}, following it as they close.
 
     @param drainRate: Long-lived connections asked to close per second
         (C{0}: all at once).
+    @param idleGrace: Seconds an idle HTTP/1.1 connection is kept.
+    @param handoff: A L{txgrace.handoff.HandoffSender} to move connections
+        to the successor through, or L{None}.
     @return: The drain (to L{Drain.hammer} early) and its result.
     """
-    drain = Drain(clock, registry.connections, hammerTimeout, drainRate=drainRate)
+    drain = Drain(
+        clock,
+        registry.connections,
+        hammerTimeout,
+        idleGrace=idleGrace,
+        drainRate=drainRate,
+        handoff=handoff,
+    )
     registry.addConnectionLostObserver(drain.connectionLost)
 
     def stopObserving(result: DrainResult) -> DrainResult:

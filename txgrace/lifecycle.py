@@ -52,6 +52,7 @@ from zope.interface import Interface
 from txgrace import sdnotify
 from txgrace.adopt import SocketRegistry, registry as processRegistry, stopListening
 from txgrace.drain import Drain, DrainResult, drainConnections
+from txgrace.handoff import HandoffReceiver
 from txgrace.pidfile import (
     removePidFile,
     removeRestartStatus,
@@ -351,7 +352,9 @@ class ProcessLifecycle:
             channel = (
                 ControlChannel(self._stopAsWorker, self._hammerAsWorker, self._lameDuck)
                 if self.worker
-                else ControlChannel()
+                else ControlChannel(
+                    handoff=HandoffReceiver(self._registry) if self.settings.handoff else None
+                )
             )
             self._control = adoptControlChannel(self._reactor, self._controlFD, channel)
             self._controlFD = None
@@ -641,12 +644,18 @@ class ProcessLifecycle:
         for waiter in waiters:
             waiter.callback(None)
 
-    def _startDrain(self) -> Deferred[DrainResult]:
+    def _startDrain(self, handoff: Any = None) -> Deferred[DrainResult]:
+        """
+        Drain this process's connections, moving those that can move through
+        C{handoff} (a L{txgrace.handoff.HandoffSender}), if given.
+        """
         self._drain, done = drainConnections(
             self._reactor,
             self._registry,
             self.settings.hammerTimeout,
             self.settings.drainRate,
+            idleGrace=self.settings.idleGrace,
+            handoff=handoff,
         )
         if self._hammerAsked:
             self._drain.hammer()
@@ -708,7 +717,7 @@ class ProcessLifecycle:
             self._leaveIfDone()
             return result
 
-        self._startDrain().addCallback(finished)
+        self._startDrain(getattr(successor, "handoff", None)).addCallback(finished)
         probation = self.settings.probation
         if probation > 0:
             self._probationCall = self._reactor.callLater(probation, self._elapsed)
@@ -890,6 +899,7 @@ class ProcessLifecycle:
                 environment=environment,
                 output=output,
                 ignoreSignals=self.settings.restartSignals,
+                handoff=self.settings.handoff,
             )
             started = self._successor.start()
         finally:

@@ -12,6 +12,12 @@ A parent that is stopping, or that gave up on it, kills it instead, so a
 successor never takes a queued connection and then dies with it.  A
 successor whose predecessor is gone (the channel closes) takes over.
 
+A successor that takes connections (L{txgrace.handoff}) says C{HANDOFF}
+before C{READY}; its predecessor then keeps the channel open after C{GO} and
+passes it the connections that are between two requests, each answered
+with C{TOOK} or C{REFUSED}.  A successor that does not say it (an older
+txgrace) is drained as before.
+
 A master's worker is a successor whose supervisor stays: it keeps the
 control channel open, drains when the master writes C{STOP}, and drains too
 when the channel closes because the master is gone.
@@ -30,11 +36,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from txgrace.handoff import CONN, HANDOFF, HandoffReceiver, HandoffSender
 from txgrace.inherit import LISTEN_FDS_START, listenEnvironment, trampoline
 
 log = Logger()
@@ -47,6 +56,12 @@ GO = b"GO"
 STOP = b"STOP"
 HAMMER = b"HAMMER"
 LAME_DUCK = b"LAMEDUCK"
+
+CONTROL_LINE_LENGTH = 1 << 20
+"""
+The longest line on a control channel: a C{CONN} line carries a request
+line that is still arriving (Twisted's HTTP allows 16 KiB), in base64.
+"""
 
 GO_TIMEOUT = 5.0
 """
@@ -119,6 +134,7 @@ class _ControlProtocol(LineOnlyReceiver):
     """
 
     delimiter = b"\n"
+    MAX_LENGTH = CONTROL_LINE_LENGTH
 
     def __init__(self, successor: Successor) -> None:
         self._successor = successor
@@ -126,6 +142,14 @@ class _ControlProtocol(LineOnlyReceiver):
     def lineReceived(self, line: bytes) -> None:
         if line == READY:
             self._successor._becameReady()
+        elif line == HANDOFF:
+            self._successor.offersHandoff = True
+        elif self._successor.handoff is not None:
+            self._successor.handoff.answerReceived(line)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._successor.handoff is not None:
+            self._successor.handoff.lost()
 
 
 class Successor:
@@ -137,12 +161,18 @@ class Successor:
     @ivar controlFD: Its descriptor for the control channel.
     @ivar ended: Fires with a description of its exit status once it exits,
         ready or not.
+    @ivar offersHandoff: Whether it said it takes connections.
+    @ivar handoff: Once it is ready, the L{HandoffSender} that passes it
+        connections, if it takes them and C{handoff} was asked for; else
+        L{None}.
 
     @param environment: Variables to set in its environment.
     @param output: A descriptor for its stdout and stderr (default: ours).
     @param ignoreSignals: Signals it starts with ignored (the restart
         signals: one that reaches it before its handlers are installed must
         not kill it).
+    @param handoff: Whether to pass it connections once it is ready (if it
+        takes them).
     """
 
     def __init__(
@@ -156,8 +186,12 @@ class Successor:
         output: int | None = None,
         ignoreSignals: Sequence[int] = (),
         directory: str | None = None,
+        handoff: bool = False,
     ) -> None:
         self._reactor = reactor
+        self._wantsHandoff = handoff
+        self.offersHandoff = False
+        self.handoff: HandoffSender | None = None
         self._extraEnvironment = dict(environment or {})
         self._output = output
         self._ignoreSignals = tuple(ignoreSignals)
@@ -291,15 +325,23 @@ class Successor:
         self._outcome = "ready"
         self._cancelTimeout()
         assert self.pid is not None
+        transport = self._control.transport if self._control is not None else None
+        if (
+            not self._worker
+            and self._wantsHandoff
+            and self.offersHandoff
+            and transport is not None
+        ):
+            self.handoff = HandoffSender(transport)
         # First the caller's bookkeeping (MAINPID= to systemd, the pidfile),
-        # then GO: the successor talks to systemd as its main process.
+        # then GO: the successor talks to systemd as its main process.  (The
+        # caller's drain passes connections from the next reactor turn on,
+        # after GO.)
         self._result.callback(self.pid)
         self._send(GO)
-        if not self._worker and self._control is not None:
-            # A successor needs nothing more from us.
-            transport = self._control.transport
-            if transport is not None:
-                transport.loseConnection()
+        if not self._worker and self.handoff is None and transport is not None:
+            # A successor that takes no connections needs nothing more.
+            transport.loseConnection()
 
     def _ended(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
@@ -369,41 +411,61 @@ def takeControlChannel(environ: Any = None) -> tuple[int | None, bool]:
     return fd, worker
 
 
+@implementer(IFileDescriptorReceiver)
 class ControlChannel(LineOnlyReceiver):
     """
     A child's end of its control channel: C{READY} goes up, C{GO} comes
     down; a worker also gets C{STOP} and C{HAMMER}, and a closed channel
-    means its master is gone.
+    means its master is gone.  With a L{HandoffReceiver}, the child says
+    C{HANDOFF} first and then serves the connections its parent passes.
 
     @ivar go: Fires with C{"go"} when the parent says C{GO}, or C{"gone"}
         when the channel closes first.
     """
 
     delimiter = b"\n"
+    MAX_LENGTH = CONTROL_LINE_LENGTH
 
     def __init__(
         self,
         stop: Callable[[str], None] | None = None,
         hammer: Callable[[], None] | None = None,
         lameDuck: Callable[[], None] | None = None,
+        handoff: HandoffReceiver | None = None,
     ) -> None:
         self._stop = stop
         self._hammer = hammer
         self._lameDuck = lameDuck
+        self._handoff = handoff
         self.go: Deferred[str] = Deferred()
 
     def ready(self) -> Deferred[str]:
         """
-        Tell the parent this process is ready.
+        Tell the parent this process is ready (and whether it takes
+        connections).
 
         @return: L{go}.
         """
         if self.transport is not None:
+            if self._handoff is not None:
+                self.sendLine(HANDOFF)
             self.sendLine(READY)
         return self.go
 
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        if self._handoff is None:
+            os.close(descriptor)
+        else:
+            self._handoff.descriptorReceived(descriptor)
+
     def lineReceived(self, line: bytes) -> None:
-        if line == GO and not self.go.called:
+        if line.startswith(CONN + b" "):
+            if self._handoff is not None:
+                self.sendLine(self._handoff.connectionReceived(line))
+            else:
+                ident = line.split(b" ")[1:2] or [b"?"]
+                self.sendLine(b"REFUSED " + ident[0] + b" this process takes no handoffs")
+        elif line == GO and not self.go.called:
             self.go.callback("go")
         elif line == STOP and self._stop is not None:
             self._stop("the master asked this worker to stop")

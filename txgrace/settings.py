@@ -59,6 +59,12 @@ class Settings:
         keeps its copies of the sockets (not accepting), to serve again if
         its successor dies; it keeps them as long as its drain lasts in any
         case.
+    @ivar handoff: Whether connections between two requests move to the
+        successor at a handover (L{txgrace.handoff}) instead of being
+        closed.
+    @ivar idleGrace: Seconds a drain keeps an idle HTTP/1.1 connection
+        (never used, or between requests) that cannot move, answering its
+        next request with C{Connection: close}.
     """
 
     hammerTimeout: float = 60.0
@@ -68,6 +74,8 @@ class Settings:
     shutdownDelay: float = 0.0
     probation: float = 0.0
     drainRate: float = 500.0
+    handoff: bool = True
+    idleGrace: float = 5.0
 
 
 ENVIRONMENT = {
@@ -78,6 +86,8 @@ ENVIRONMENT = {
     "shutdownDelay": "TXGRACE_SHUTDOWN_DELAY",
     "probation": "TXGRACE_PROBATION",
     "drainRate": "TXGRACE_DRAIN_RATE",
+    "handoff": "TXGRACE_HANDOFF",
+    "idleGrace": "TXGRACE_IDLE_GRACE",
 }
 """
 The environment variable of each setting.
@@ -123,6 +133,25 @@ def parseRate(source: str, value: str) -> float:
     if not math.isfinite(rate) or rate < 0:
         raise SettingError(f"{_given(source, value)}: must be 0 (no limit) or more per second")
     return rate
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parseSwitch(source: str, value: str) -> bool:
+    """
+    Parse an on/off setting: C{1}, C{true}, C{yes}, C{on} or C{0},
+    C{false}, C{no}, C{off}.
+
+    @raise SettingError: For anything else.
+    """
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingError(f"{_given(source, value)}: must be 1 or 0 (on or off)")
 
 
 def parseSignal(source: str, name: str) -> int:
@@ -179,7 +208,9 @@ def _fromText(key: str, source: str, text: str) -> Any:
         return parseSeconds(source, text, allowNegative=True)
     if key == "drainRate":
         return parseRate(source, text)
-    if key in ("readyTimeout", "shutdownDelay", "probation"):
+    if key == "handoff":
+        return parseSwitch(source, text)
+    if key in ("readyTimeout", "shutdownDelay", "probation", "idleGrace"):
         return parseSeconds(source, text)
     if key == "pidFile":
         return parsePidFile(source, text) if text else None
@@ -204,6 +235,10 @@ def checkValue(key: str, value: Any) -> Any:
         for item in value:
             signals.append(parseSignal(source, str(int(item)) if isinstance(item, int) else item))
         return tuple(dict.fromkeys(signals))
+    if key == "handoff":
+        if isinstance(value, bool):
+            return value
+        return parseSwitch(source, str(value))
     try:
         text = repr(float(value))
     except (TypeError, ValueError):

@@ -250,6 +250,14 @@ class Options(usage.Options):
             "(default 0: as long as its drain lasts).",
         ],
         [
+            "idle-grace",
+            None,
+            None,
+            "Seconds a drain keeps an idle HTTP/1.1 connection that cannot move "
+            "to the successor (TLS, a final stop), answering its next request "
+            "with Connection: close (default 5).",
+        ],
+        [
             "pidfile",
             None,
             None,
@@ -262,6 +270,21 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["endpoints"] = []
         self["restart-signals"] = []
+        self["handoff"] = None
+
+    def opt_handoff(self) -> None:
+        """
+        At a restart, move each connection that is between two requests to
+        the successor instead of closing it (the default).
+        """
+        self["handoff"] = True
+
+    def opt_no_handoff(self) -> None:
+        """
+        At a restart, close idle connections instead of moving them to the
+        successor.
+        """
+        self["handoff"] = False
 
     def getSynopsis(self) -> str:
         program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twist"
@@ -339,6 +362,7 @@ class Options(usage.Options):
                 ("ready-timeout", False),
                 ("shutdown-delay", False),
                 ("probation", False),
+                ("idle-grace", False),
             ):
                 if self[option] is not None:
                     self[option] = parseSeconds(
@@ -376,6 +400,8 @@ class Options(usage.Options):
             "shutdownDelay": self["shutdown-delay"],
             "probation": self["probation"],
             "drainRate": self["drain-rate"],
+            "handoff": self["handoff"],
+            "idleGrace": self["idle-grace"],
         }
         return {key: value for key, value in given.items() if value is not None}
 

@@ -24,8 +24,9 @@ from zope.interface import implementer
 from txgrace import drain as drainModule
 from txgrace._twisted import h2ConnectionClass, wrappedHTTPChannel
 from txgrace.drain import (
+    IN_FLIGHT_POLL_SECONDS,
     H2_GOAWAY_GRACE_SECONDS,
-    IDLE_QUIET_SECONDS,
+    IDLE_GRACE_SECONDS,
     Drain,
     DrainResult,
     applicationProtocol,
@@ -584,11 +585,11 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
 
     def test_idleQuietClosedAtOnce(self) -> None:
         """
-        An idle connection quiet for L{IDLE_QUIET_SECONDS} is closed at once,
+        An idle connection quiet for L{IDLE_GRACE_SECONDS} is closed at once,
         without a byte written.
         """
         connection, channel, transport = self.httpConnection()
-        connection.lastActive = self.clock.seconds() - IDLE_QUIET_SECONDS
+        connection.lastActive = self.clock.seconds() - IDLE_GRACE_SECONDS
         d = self.drain().start()
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
@@ -612,15 +613,15 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
     def test_idleRecentlyActiveClosedLater(self) -> None:
         """
         An idle connection active a moment ago is left open for
-        L{IDLE_QUIET_SECONDS}, then closed.
+        L{IDLE_GRACE_SECONDS}, then closed.
         """
         connection, channel, transport = self.httpConnection()
         connection.lastActive = self.clock.seconds()
         d = self.drain().start()
         self.assertFalse(transport.disconnecting)
-        self.clock.advance(IDLE_QUIET_SECONDS / 2)
+        self.clock.advance(IDLE_GRACE_SECONDS / 2)
         self.assertFalse(transport.disconnecting)
-        self.clock.advance(IDLE_QUIET_SECONDS / 2)
+        self.clock.advance(IDLE_GRACE_SECONDS / 2)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
         self.settle()
@@ -629,11 +630,11 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
 
     def test_idleQuietSecondsParameter(self) -> None:
         """
-        C{idleQuietSeconds} replaces L{IDLE_QUIET_SECONDS}.
+        C{idleQuietSeconds} replaces L{IDLE_GRACE_SECONDS}.
         """
         connection, channel, transport = self.httpConnection()
         connection.lastActive = self.clock.seconds()
-        self.drain(idleQuietSeconds=5).start()
+        self.drain(idleGrace=5).start()
         self.clock.advance(4.9)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(0.1)
@@ -648,7 +649,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         connection, channel, transport = self.httpConnection()
         connection.lastActive = self.clock.seconds()
         d = self.drain().start()
-        self.clock.advance(IDLE_QUIET_SECONDS / 2)
+        self.clock.advance(IDLE_GRACE_SECONDS / 2)
         channel.dataReceived(REQUEST)
         [(status, headers, body)] = parseResponses(transport.value())
         self.assertEqual(status, b"HTTP/1.1 200 OK")
@@ -657,7 +658,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.settle()
         self.assertEqual(self.successResultOf(d).aborted, 0)
-        self.clock.advance(IDLE_QUIET_SECONDS)
+        self.clock.advance(IDLE_GRACE_SECONDS)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_requestInPiecesDuringGracePeriod(self) -> None:
@@ -670,7 +671,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         connection.lastActive = self.clock.seconds()
         self.drain().start()
         channel.dataReceived(REQUEST[:5])
-        self.clock.advance(IDLE_QUIET_SECONDS)
+        self.clock.advance(IDLE_GRACE_SECONDS)
         self.assertFalse(transport.disconnecting)
         channel.dataReceived(REQUEST[5:])
         [(status, headers, body)] = parseResponses(transport.value())
@@ -690,7 +691,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.drain().start()
         channel.dataReceived(REQUEST)
         [request] = resource.requests
-        self.clock.advance(IDLE_QUIET_SECONDS * 5)
+        self.clock.advance(IDLE_GRACE_SECONDS * 5)
         self.assertFalse(transport.disconnecting)
         request.setHeader(b"content-length", b"4")
         request.write(b"slow")
@@ -726,7 +727,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         channel.dataReceived(REQUEST)
         [request] = resource.requests
         d = self.drain().start()
-        self.clock.advance(IDLE_QUIET_SECONDS * 3)
+        self.clock.advance(IDLE_GRACE_SECONDS * 3)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
         request.setHeader(b"content-length", b"11")
@@ -740,12 +741,16 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.assertEqual(body, b"hello world")
         self.assertTrue(transport.disconnecting)
         self.settle()
-        self.assertEqual(self.successResultOf(d), DrainResult(1, 0, 3.0))
+        self.assertEqual(
+            self.successResultOf(d), DrainResult(1, 0, IDLE_GRACE_SECONDS * 3)
+        )
 
     def test_inFlightRequestChunked(self) -> None:
         """
-        A chunked response in flight ends with its last chunk, then the
-        connection closes.
+        A chunked response in flight ends with its last chunk, as it began
+        (the client was promised keep-alive); the connection is then idle,
+        not closed at once: a request sent right after is answered with
+        C{Connection: close}.
         """
         resource = DeferredResource()
         connection, channel, transport = self.httpConnection(resource)
@@ -755,7 +760,39 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.drain().start()
         request.finish()
         self.assertTrue(transport.value().endswith(b"5\r\nhello\r\n0\r\n\r\n"))
+        self.assertFalse(transport.disconnecting)
+        transport.clear()
+        self.clock.advance(IN_FLIGHT_POLL_SECONDS)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(REQUEST)
+        [next] = resource.requests[1:]
+        next.setHeader(b"content-length", b"2")
+        next.write(b"ok")
+        next.finish()
+        [(status, headers, body)] = parseResponses(transport.value())
+        self.assertEqual(headers[b"connection"], b"close")
         self.assertTrue(transport.disconnecting)
+
+    def test_inFlightStreamThenQuiet(self) -> None:
+        """
+        A connection whose streamed response ended during the drain, and
+        that then stays quiet, closes once the idle grace has passed since
+        it was last active.
+        """
+        resource = DeferredResource()
+        connection, channel, transport = self.httpConnection(resource)
+        channel.dataReceived(REQUEST)
+        [request] = resource.requests
+        request.write(b"hello")
+        d = self.drain().start()
+        request.finish()
+        connection.lastActive = self.clock.seconds()
+        self.clock.advance(IDLE_GRACE_SECONDS - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1.5)
+        self.assertTrue(transport.disconnecting)
+        self.settle()
+        self.assertEqual(self.successResultOf(d).aborted, 0)
 
     def test_inFlightRequestHammered(self) -> None:
         """
@@ -793,7 +830,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         d = self.drain(hammerTimeout=30).start()
         self.assertTrue(idleTransport.disconnecting)
         self.settle()
-        self.clock.advance(IDLE_QUIET_SECONDS)
+        self.clock.advance(IDLE_GRACE_SECONDS)
         self.assertEqual(
             sorted(self.failures(events), key=lambda f: f[0].__name__),
             [
@@ -802,7 +839,7 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
             ],
         )
         self.assertEqual(self.connections, {atOnce, later})
-        self.clock.advance(30 - IDLE_QUIET_SECONDS)
+        self.clock.advance(30 - IDLE_GRACE_SECONDS)
         self.assertEqual(self.successResultOf(d), DrainResult(3, 2, 30.0, 2))
 
     def test_mixed(self) -> None:
@@ -821,14 +858,14 @@ class HTTP11DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.assertTrue(idleTransport.disconnecting)
         self.assertFalse(recentTransport.disconnecting)
         self.settle()
-        self.clock.advance(IDLE_QUIET_SECONDS)
+        self.clock.advance(IDLE_GRACE_SECONDS)
         self.assertTrue(recentTransport.disconnecting)
         self.settle()
         resource.requests[0].finish()
         self.assertTrue(busyTransport.disconnecting)
         self.settle()
         self.assertEqual(self.connections, {unknown})
-        self.clock.advance(30 - IDLE_QUIET_SECONDS)
+        self.clock.advance(30 - IDLE_GRACE_SECONDS)
         self.assertTrue(unknown.aborted)
         self.assertEqual(self.successResultOf(d), DrainResult(4, 1, 30.0))
 

@@ -136,6 +136,7 @@ class LifecycleTestCase(SynchronousTestCase):
         self.notified: list[tuple[str, ...]] = []
         self.patch(lifecycleModule.sdnotify, "notify", self._notify)
         self.drains: list[Any] = []
+        self.drainOptions: list[dict[str, Any]] = []
         self.patch(lifecycleModule, "drainConnections", self._drainConnections)
         self.pidFile = os.path.join(temporaryDirectory(self), "app.pid")
 
@@ -143,9 +144,12 @@ class LifecycleTestCase(SynchronousTestCase):
         self.notified.append(assignments)
         return True
 
-    def _drainConnections(self, clock: Any, registry: Any, hammerTimeout: Any, drainRate: Any = 0) -> Any:
+    def _drainConnections(
+        self, clock: Any, registry: Any, hammerTimeout: Any, drainRate: Any = 0, **kw: Any
+    ) -> Any:
         drain = FakeDrain()
         self.drains.append((drain, hammerTimeout))
+        self.drainOptions.append(kw)
         return drain, drain.done
 
     def makeLifecycle(self, environ: dict[str, str] | None = None, **settings: Any) -> ProcessLifecycle:

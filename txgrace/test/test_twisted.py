@@ -55,6 +55,7 @@ class MissingNamesTests(SynchronousTestCase):
         names = {name for _, _, name in _twisted._privateNames()}
         names |= set(_twisted.H2_STREAM_EVENTS.values())
         names |= {"_names", "_channel", "_bindPath", "_http2"}
+        names |= {"_handlingRequest", "_dataBuffer", "_tempDataLen"}
         pattern = re.compile(
             r"\b(" + "|".join(re.escape(n) for n in sorted(names)) + r")\b"
         )
