@@ -479,15 +479,21 @@ def _readChunked(reader: _Reader) -> bytes:
             raise RequestFailed("malformed")
 
 
-def _readResponse(skt: socket.socket, reused: bool) -> tuple[int, bytes, bool]:
+def _readResponse(
+    skt: socket.socket, reused: bool, reader: _Reader | None = None
+) -> tuple[int, bytes, bool]:
     """
     Read one HTTP/1.1 response, framed by C{Content-Length}, by
     C{Transfer-Encoding: chunked}, or by the end of the connection.
 
+    @param reader: The reader of C{skt} to read with, which keeps what it
+        read past this response (pipelined responses); by default a new one.
     @return: status, body, and whether the server will close the connection.
     @raise RequestFailed: Saying how it failed.
     """
-    reader = _Reader(skt)
+    if reader is None:
+        reader = _Reader(skt)
+    reader.received = 0
     try:
         head = reader.until(b"\r\n\r\n")
     except EOFError:
@@ -543,12 +549,15 @@ class LoadResult:
         C{malformed} (a response that is not valid HTTP/1.1 framing),
         C{bad_status}.
     @ivar pids: How many requests each pid answered.
+    @ivar closedByServer: How often a keep-alive client's connection was
+        ended by the server after a response (C{Connection: close}).
     """
 
     ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     pids: Counter[int] = field(default_factory=Counter)
     firstResponseAfter: dict[int, float] = field(default_factory=dict)
+    closedByServer: int = 0
 
     @property
     def failed(self) -> int:
@@ -647,6 +656,9 @@ class HTTPLoad:
                     raise RequestFailed("keepalive_race" if reused else "reset") from None
                 status, body, close = _readResponse(skt, reused)
                 self._count(status, body, None)
+                if close and keepAlive:
+                    with self._lock:
+                        self.result.closedByServer += 1
                 if close or not keepAlive:
                     skt.close()
                     skt = None
@@ -659,6 +671,117 @@ class HTTPLoad:
                 skt = None
         if skt is not None:
             skt.close()
+
+
+class PacedClient:
+    """
+    One HTTP/1.1 client that connects at once and sends a GET every
+    C{interval} seconds on the same connection, the first after
+    C{firstAfter} seconds (default: C{interval}); it opens a new connection
+    only when the server ended the last one.  It stops after C{count}
+    requests or when L{stop} is called.
+
+    @ivar pids: The pid that answered each request, in order.
+    @ivar failures: How each failed request failed (L{RequestFailed} kinds).
+    @ivar localPorts: The local port of each connection it opened, in
+        order: one entry when the server never ended its connection.
+    @ivar closes: Responses that said C{Connection: close}.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        interval: float,
+        firstAfter: float | None = None,
+        count: int = 10_000,
+        path: str = "/",
+        timeout: float = 10.0,
+        context: Any = None,
+    ) -> None:
+        self._address = (host, port)
+        self._interval = interval
+        self._firstAfter = interval if firstAfter is None else firstAfter
+        self._count = count
+        self._timeout = timeout
+        self._context = context
+        self._request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii")
+        self._stopping = threading.Event()
+        self.pids: list[int] = []
+        self.failures: list[str] = []
+        self.localPorts: list[int] = []
+        self.closes = 0
+        self._socket: socket.socket | None = self._connect()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self) -> socket.socket:
+        skt = socket.create_connection(self._address, timeout=self._timeout)
+        skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.localPorts.append(skt.getsockname()[1])
+        if self._context is not None:
+            skt = self._context.wrap_socket(skt)
+        return skt
+
+    def start(self) -> PacedClient:
+        """
+        Start sending.
+        """
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """
+        Wait until it has sent all C{count} requests.
+
+        @return: Whether it has.
+        """
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self) -> PacedClient:
+        """
+        Stop (after the request in flight, if any) and close the connection.
+        """
+        self._stopping.set()
+        self._thread.join(self._timeout + 5)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        return self
+
+    def _run(self) -> None:
+        delay = self._firstAfter
+        for _ in range(self._count):
+            if self._stopping.wait(delay):
+                return
+            delay = self._interval
+            reused = True
+            try:
+                if self._socket is None:
+                    try:
+                        self._socket = self._connect()
+                    except ConnectionRefusedError:
+                        raise RequestFailed("refused") from None
+                    reused = False
+                try:
+                    self._socket.sendall(self._request)
+                except (BrokenPipeError, ConnectionResetError):
+                    raise RequestFailed("keepalive_race" if reused else "reset") from None
+                status, body, close = _readResponse(self._socket, reused)
+                match = _PID.search(body)
+                if status != 200 or match is None:
+                    raise RequestFailed("bad_status")
+                self.pids.append(int(match.group(1)))
+                if close:
+                    self.closes += 1
+                    self._socket.close()
+                    self._socket = None
+            except (RequestFailed, OSError) as failure:
+                kind = failure.kind if isinstance(failure, RequestFailed) else type(failure).__name__
+                self.failures.append(kind)
+                if self._socket is not None:
+                    self._socket.close()
+                self._socket = None
 
 
 def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes]:

@@ -13,8 +13,14 @@ If the file named by C{$TXGRACE_TEST_FAULT} exists when the module is
 imported, its content makes this process misbehave: C{crash} raises at
 import, C{hang} never becomes ready, C{exit-after-bind} exits with status 3
 once its ports listen but before it is ready, C{exit-after-ready} exits
-with status 4 just after it is ready, C{slow-start} takes 1.5 s to import.  Tests write it to make a successor
-fail.
+with status 4 just after it is ready, C{slow-start} takes 1.5 s to import,
+C{die-mid-handoff} exits with status 9 once it has taken a few connections
+from its predecessor, C{no-handoff} takes none (as an older txgrace).
+Tests write it to make a successor fail.
+
+  POST /body              answers "got N bytes from pid N" once the whole
+                          body (Content-Length) has arrived
+  /stream?duration=S      a chunked response, a chunk every 0.1 s for S s
 """
 
 import os
@@ -64,6 +70,27 @@ if _FAULT == "slow-start":
     import time
 
     time.sleep(1.5)
+if _FAULT == "no-handoff":
+    import txgrace
+
+    txgrace.configure(handoff=False)
+if _FAULT == "die-mid-handoff":
+    from txgrace.restart import ControlChannel
+
+    _lineReceived = ControlChannel.lineReceived
+
+    def _dieAfterAFew(self, line):
+        if getattr(self, "_taken", 0) == 5:
+            return  # Read no more; die once the answers are out.
+        _lineReceived(self, line)
+        if line.startswith(b"CONN "):
+            self._taken = getattr(self, "_taken", 0) + 1
+            if self._taken == 5:
+                log.info("dying after taking {count} connections", count=5)
+                self.transport.stopReading()
+                reactor.callLater(0.3, os._exit, 9)
+
+    ControlChannel.lineReceived = _dieAfterAFew
 if _FAULT == "exit-after-ready":
     reactor.callWhenRunning(reactor.callLater, 0.3, os._exit, 4)
 
@@ -81,6 +108,38 @@ class Sleep(Resource):
 
         call = deferLater(reactor, duration, answer)
         request.notifyFinish().addErrback(lambda _: call.cancel())
+        return NOT_DONE_YET
+
+
+class Body(Resource):
+    isLeaf = True
+
+    def render_POST(self, request):
+        body = request.content.read()
+        return f"got {len(body)} bytes from pid {os.getpid()}\n".encode()
+
+
+class Stream(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        duration = float((request.args.get(b"duration") or [b"1"])[0])
+        log.info("streaming {duration}", duration=duration)
+        chunks = max(1, int(duration / 0.1))
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def more(left):
+            if gone:
+                return
+            if left == 0:
+                request.write(f"streamed from pid {os.getpid()}\n".encode())
+                request.finish()
+                return
+            request.write(b".")
+            reactor.callLater(0.1, more, left - 1)
+
+        more(chunks)
         return NOT_DONE_YET
 
 
@@ -132,6 +191,8 @@ root.putChild(b"sleep", Sleep())
 root.putChild(b"forever", Forever())
 root.putChild(b"spawn", Spawn())
 root.putChild(b"orphan", Orphan())
+root.putChild(b"body", Body())
+root.putChild(b"stream", Stream())
 site = Site(root)
 
 
