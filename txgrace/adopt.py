@@ -59,14 +59,8 @@ class SocketRegistry:
     @ivar connections: Every open connection accepted through a grace port.
     @ivar handingOver: C{True} when this stop is not the final one: a
         successor or this worker's master keeps the sockets.  Stopping a
-        port then leaves UNIX socket paths in place.
-    @ivar ownsInherited: C{True} once this process owns the UNIX socket
-        paths it inherited, so that its final stop removes them.  A process
-        always owns the paths it bound itself; an inherited path belongs to
-        whoever serves on it.  The lifecycle sets this once this process is
-        the serving process (its predecessor handed over to it), and never
-        in a master's worker (the master owns them) nor in a successor that
-        is still starting (its predecessor still serves on them).
+        port then leaves UNIX socket paths in place.  Who may remove a path
+        on a final stop is each port's own C{boundHere}, not the registry's.
     @ivar acceptLimit: The most connections a port accepts per wakeup, or
         L{None} for Twisted's adaptive batch.  Workers sharing one socket
         use 1: with batches, the first worker to wake takes every queued
@@ -86,7 +80,6 @@ class SocketRegistry:
         self.ports: dict[str, Any] = {}
         self.connections: set[Any] = set()
         self.handingOver = False
-        self.ownsInherited = False
         self.acceptLimit: int | None = None
         self.accepting = True
         self._connectionLostObservers: list[Callable[[Any], None]] = []
@@ -509,13 +502,17 @@ class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
     """
     An adopted UNIX port that shares its socket safely: it never
     C{shutdown()}s the socket, keeps the socket file's mode, and removes the
-    path only if this process owns it (see L{SocketRegistry.ownsInherited})
-    and only on a final stop, never while handing over.
+    path only if this process owns it (C{boundHere}) and only on a final
+    stop, never while handing over.
 
     @ivar path: The socket file's path, or L{None} for an abstract or
         unnamed socket.
-    @ivar boundHere: Whether this process bound the path itself, rather
-        than inheriting the socket.
+    @ivar boundHere: Whether this process owns the path: it bound the path
+        itself, or it serves now on a path its predecessor owned (the
+        lifecycle sets this for the keys named in C{TXGRACE_OWNED_SOCKETS}
+        once the process is ready; never in a worker, whose master owns the
+        path, nor in a successor that never became ready).  An inherited
+        path is otherwise left to whoever serves on it.
     """
 
     transport = TrackedUNIXServer
@@ -525,19 +522,18 @@ class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
 
     def connectionLost(self, reason: Failure) -> None:
         if self.path is not None and _mayUnlink(
-            self.registry, self.boundHere, final=not self.registry.handingOver
+            self.boundHere, final=not self.registry.handingOver
         ):
             _unlinkSocketFile(self.path, self._identity)
         self._closed(reason, tcp.Port.connectionLost)
 
 
-def _mayUnlink(registry: SocketRegistry, boundHere: bool, final: bool) -> bool:
+def _mayUnlink(boundHere: bool, final: bool) -> bool:
     """
     Whether a process may remove a UNIX socket path as its copy closes: only
-    on a final stop, and only if it bound the path or owns what it
-    inherited.
+    on a final stop, and only if it owns the path (C{boundHere}).
     """
-    return final and (boundHere or registry.ownsInherited)
+    return final and boundHere
 
 
 def _filesystemPath(address: object) -> str | None:
@@ -772,11 +768,11 @@ class HeldSocket:
         """
         Close this copy (once; later calls only remove the path); on a
         C{final} close, remove a UNIX socket's path if this process owns it
-        (it bound it, or L{SocketRegistry.ownsInherited}).
+        (C{boundHere}).
         """
         if self.registry.ports.get(self.key) is self:
             del self.registry.ports[self.key]
-        if self._path is not None and _mayUnlink(self.registry, self.boundHere, final):
+        if self._path is not None and _mayUnlink(self.boundHere, final):
             _unlinkSocketFile(self._path, self._identity)
             self._path = None
         if not self._closed:

@@ -323,6 +323,23 @@ class RestartTests(LifecycleTestCase):
         assert status is not None
         self.assertEqual((status["outcome"], status["successor"]), ("ready", successor.pid))
 
+    def test_ownedSocketsHandedOn(self) -> None:
+        """
+        The successor is told, in C{TXGRACE_OWNED_SOCKETS}, the keys of the
+        ports whose UNIX socket paths this process owns (C{boundHere}), and
+        only those: its final stop then removes them.
+        """
+        owned, other = FakePort("unix/web"), FakePort("unix/api")
+        owned.boundHere = True  # type: ignore[attr-defined]
+        other.boundHere = False  # type: ignore[attr-defined]
+        self.registry.ports = {"unix/web": owned, "unix/api": other, "tcp/*/8080": self.port}
+        lifecycle = self.serving()
+        lifecycle.restart()
+        [successor] = FakeSuccessor.made
+        self.assertEqual(
+            successor.options["environment"]["TXGRACE_OWNED_SOCKETS"], "unix/web"
+        )
+
     def test_secondRestartRefused(self) -> None:
         """
         A restart while a successor starts is refused, and so is one after
