@@ -443,6 +443,45 @@ class BadInputTests(OneLineErrorMixin, TestCase):
         server.waitForMessage(r"Not adopting inherited fd 3 \(web\): it is bound to")
         server.waitForMessage(r"Closing inherited fd 3 \(web\)")
 
+    def test_failedStartFlushesBufferedLog(self) -> None:
+        """
+        twist holds log events back until the service has started; a start
+        that fails writes them to stderr (which a successor shares with its
+        predecessor) before its one-line error, so the line that says why
+        (here: the inherited socket was not adopted, and the fresh bind
+        then found the port taken) is not lost.
+        """
+        elsewhere = socket.socket()
+        self.addCleanup(elsewhere.close)
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen(1)
+        elsewhere.set_inheritable(True)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        script = (
+            'exec 3<&%d; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$@"'
+            % elsewhere.fileno()
+        )
+        result = subprocess.run(
+            [
+                "/bin/sh", "-c", script, "sh", sys.executable, "-m", "twisted",
+                "txgrace", "--endpoint",
+                f"grace:tcp:{port}:interface=127.0.0.1:name=web", "--app", APP,
+            ],
+            pass_fds=[elsewhere.fileno()],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertOneLineError(result, f"127.0.0.1:{port}")
+        self.assertIn("Not adopting inherited fd 3 (web): it is bound to", result.stderr)
+        lastLine = result.stderr.rstrip().splitlines()[-1]
+        self.assertTrue(lastLine.startswith("twist txgrace: error: "), lastLine)
+
 
 class SecurityTests(TestCase):
     """
