@@ -89,10 +89,10 @@ class PidFileTests(SynchronousTestCase):
 
     def test_missingDirectory(self) -> None:
         """
-        Writing into a missing directory raises L{OSError}.
+        Writing into a missing directory raises L{FileNotFoundError}.
         """
         path = os.path.join(self.directory, "missing", "app.pid")
-        self.assertRaises(OSError, writePidFile, path, 1)
+        self.assertRaises(FileNotFoundError, writePidFile, path, 1)
 
     def test_removeOwnPid(self) -> None:
         """
