@@ -389,13 +389,16 @@ class _GracePort:
         passed); L{stopListening} waits for that.  Other processes reading
         the same socket meanwhile take their share, as they always do.
 
-        Call it only where this process's copy is the last one that will
-        accept: the final stop of a process, or every worker of a master
-        that is stopping (the workers then share what is queued).  A worker
-        that retires while others go on serving must not: what is queued
-        is theirs to accept.  While accepting is paused (the process is not
-        ready) it takes nothing: a successor that failed before it was
-        ready leaves the queue to its predecessor.
+        The lifecycle calls it on the final stop of a process, and on the
+        stop of every worker that served: a worker cannot tell its master's
+        final stop (after which the last worker's copy closes the socket)
+        from a rolling restart, so a retiring worker takes part too.  It
+        accepts within L{SocketRegistry.acceptLimit} (1 in a worker), one
+        connection per wakeup like the workers that go on serving, so it
+        takes its share of the queue and never the whole queue at once.
+        While accepting is paused (the process is not ready) it takes
+        nothing: a successor that failed before it was ready leaves the
+        queue to its predecessor.
 
         @return: A Deferred that fires once nothing is queued.
         """

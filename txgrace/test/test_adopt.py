@@ -338,8 +338,8 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
 
     async def test_retiringWithoutBacklogLeavesQueue(self) -> None:
         """
-        A port that stops without C{acceptBacklog} (a worker retiring while
-        others serve) leaves what is queued to another holder of the socket.
+        A port that stops without C{acceptBacklog} (a predecessor that
+        handed over) leaves what is queued to another holder of the socket.
         """
         registry, port, address = await self.queued(4, limit=1)
         other = socket.socket(fileno=os.dup(port.fileno()))

@@ -437,6 +437,23 @@ class StopTests(LifecycleTestCase):
         self.successResultOf(second)
         self.successResultOf(lifecycle.shutdown())
 
+    def test_servedWorkerTakesItsShareOfTheBacklog(self) -> None:
+        """
+        A worker that served takes what is queued when it stops, even when
+        it is only retiring (it cannot tell a rolling restart from its
+        master's final stop), but within an accept limit of 1: one
+        connection per wakeup, its share alongside the other workers.  It
+        leaves the sockets to its master.
+        """
+        self.patch(lifecycleModule, "takeControlChannel", lambda environ: (None, True))
+        lifecycle = self.serving()
+        self.assertTrue(lifecycle.worker)
+        self.assertEqual(self.registry.acceptLimit, 1)
+        self.assertTrue(self.registry.handingOver)
+        shutDown(self.reactor)
+        self.assertEqual((self.port.backlogAccepted, self.port.stopped), (1, 1))
+        self.assertEqual(self.notified, [])
+
     def test_handedOverStop(self) -> None:
         """
         After a handover the stop leaves the queue, the pidfile and systemd
