@@ -102,6 +102,8 @@ class ServerProcess:
 
     @ivar events: Every JSON log event so far, from every generation.
     @ivar lines: Every other line written to stdout or stderr.
+    @ivar readError: What went wrong in the thread that reads the output,
+        or L{None}.  L{waitFor} reports it, and L{close} raises it.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ServerProcess:
         self.arguments = list(arguments)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
+        self.readError: BaseException | None = None
         self._condition = threading.Condition()
         environment = dict(os.environ if env is None else env)
         environment.setdefault("PYTHONUNBUFFERED", "1")
@@ -144,22 +147,34 @@ class ServerProcess:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").strip("\x1e\n")
-            with self._condition:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    self.lines.append(line)
-                else:
-                    if isinstance(event, dict):
-                        self.events.append(event)
-                    else:
+        """
+        Read the output until its end, in the reader thread, which alone
+        reads and closes it: closing a file while another thread reads it
+        makes that read fail (C{ValueError}), and a reader that died that
+        way would hide every later event.
+        """
+        output = self.process.stdout
+        assert output is not None
+        try:
+            for raw in output:
+                line = raw.decode("utf-8", "replace").strip("\x1e\n")
+                with self._condition:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
                         self.lines.append(line)
+                    else:
+                        if isinstance(event, dict):
+                            self.events.append(event)
+                        else:
+                            self.lines.append(line)
+                    self._condition.notify_all()
+        except BaseException as e:
+            self.readError = e
+        finally:
+            output.close()
+            with self._condition:
                 self._condition.notify_all()
-        with self._condition:
-            self._condition.notify_all()
 
     @property
     def pid(self) -> int:
@@ -205,6 +220,10 @@ class ServerProcess:
                 if not self._reader.is_alive() and seen == len(self.events):
                     break
                 self._condition.wait(min(remaining, 0.5))
+        if self.readError is not None:
+            raise AssertionError(
+                "reading the output failed: %r" % (self.readError,)
+            ) from self.readError
         raise AssertionError(
             "no matching log event within %ss; output:\n%s"
             % (
@@ -328,7 +347,11 @@ class ServerProcess:
 
     def kill(self) -> None:
         """
-        SIGKILL every process of this server that is still alive, by pid.
+        SIGKILL every process of this server that is still alive, by pid,
+        then let the reader finish the output (see L{close}).
+
+        @raise AssertionError: If a process outlives SIGKILL, or if reading
+            the output failed.
         """
         if self.process.poll() is None:
             self.process.kill()
@@ -339,12 +362,29 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if self.process.stdout is not None:
-            self.process.stdout.close()
         if not waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0):
             raise AssertionError(
                 "still alive after SIGKILL: %r" % [p for p in self.pids() if isAlive(p)]
             )
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """
+        Wait up to C{timeout} seconds for the reader thread to read the
+        output to its end (every process that writes it has exited), which
+        closes it.  The output is never closed from here: the reader
+        thread may be reading it.
+
+        @return: Whether the output is closed; if not, a process still
+            holds it, and the reader closes it once that process is gone.
+        @raise AssertionError: If reading the output failed.
+        """
+        self._reader.join(timeout)
+        if self.readError is not None:
+            raise AssertionError(
+                "reading the output failed: %r" % (self.readError,)
+            ) from self.readError
+        return not self._reader.is_alive()
 
 
 def _startTime(pid: int) -> int | None:
