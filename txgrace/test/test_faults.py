@@ -271,24 +271,6 @@ class StormTests(TestCase):
         )
         self.assertGreater(started, 2)
 
-    def test_restartWhileDrainingThirtySecondRequest(self) -> None:
-        """
-        Two restarts while the first generation drains a 30 s request: the
-        request completes from generation 1, and generation 3 serves.
-        """
-        server, serving = startServer(self)
-        slow = _Background(
-            slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=30", 60
-        )
-        server.waitForMessage("sleeping 30")
-        server.signal(signal.SIGHUP)
-        second = server.waitServing(2)
-        third = restart(server, second)
-        self.assertIn(f"pid {third.pid}".encode(), get(serving.port()))
-        status, body = slow.join(60)
-        self.assertEqual(status, 200)
-        self.assertIn(f"from pid {serving.pid}".encode(), body)
-
 
 class FileDescriptorLimitTests(TestCase):
     """
@@ -343,25 +325,10 @@ class BadInputTests(OneLineErrorMixin, TestCase):
     """
     Bad input: one clear line naming the input, a non-zero exit, no
     traceback.  One real C{twist txgrace} per way of failing (the options,
-    the app, the endpoint, listening); L{txgrace.test.test_units} checks
-    each message.
+    the endpoint, listening); an app that fails to import is in
+    L{txgrace.test.test_tap}, and L{txgrace.test.test_units} checks the
+    other messages.
     """
-
-    def test_appRaisesOnImport(self) -> None:
-        """
-        An exception raised while importing C{--app} is shown with its own
-        message.
-        """
-        fault = os.path.abspath(self.mktemp())
-        with open(fault, "w") as f:
-            f.write("crash")
-        result = runTwist(
-            "--endpoint", LOCAL, "--app", APP,
-            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
-        )
-        self.assertOneLineError(
-            result, "RuntimeError: crashing on purpose", "txgrace.test._apps"
-        )
 
     def test_endpointWithoutPrefix(self) -> None:
         """
@@ -446,7 +413,7 @@ class BadInputTests(OneLineErrorMixin, TestCase):
 
     def test_negativeReadyTimeout(self) -> None:
         """
-        A negative ready timeout is refused, naming the option.
+        A negative ready timeout is refused, naming the option and the value.
         """
         result = runTwist("--endpoint", LOCAL, "--app", APP, "--ready-timeout", "-1")
         self.assertOneLineError(result, "--ready-timeout", "'-1'")
