@@ -4,7 +4,8 @@ C{twist txgrace} on loopback, signal it, and load it with HTTP clients that
 never retry and say exactly how each failed request failed.
 
 These helpers block (they use threads and subprocesses); call them from
-synchronous tests.
+synchronous tests.  The exception is L{get}, an asynchronous request made
+with treq, for tests that run in the reactor (C{async def} trial tests).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IAgent
 
 
 @dataclass(frozen=True)
@@ -699,6 +703,52 @@ class HTTPLoad:
                 skt = None
         if skt is not None:
             skt.close()
+
+
+@dataclass(frozen=True)
+class Response:
+    """
+    What L{get} received.
+
+    @ivar status: The status code.
+    @ivar body: The whole body.
+    @ivar pid: The pid the body names (C{"... pid N ..."}, as the demo and
+        the test apps answer), or L{None}: which process served.
+    """
+
+    status: int
+    body: bytes
+    pid: int | None
+
+
+async def get(
+    url: str, timeout: float = 10.0, agent: IAgent | None = None
+) -> Response:
+    """
+    GET C{url} with treq, on a connection of its own that is closed
+    afterwards (a kept-alive connection would pin later requests to the
+    process that accepted it first), and read the whole body.
+
+    @param agent: The L{IAgent} to send it with, such as one that connects
+        through a UNIX or TLS client endpoint; by default an L{Agent} with
+        no persistent connections.
+    @raise twisted.internet.defer.CancelledError: If no response came
+        within C{timeout} seconds.
+    """
+    # Imported here: importing treq imports twisted.internet.endpoints,
+    # which reads and deletes LISTEN_FDS, and this module may be imported
+    # by a process that has sockets to inherit.
+    import treq
+    from treq.client import HTTPClient
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    if agent is None:
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    response = await HTTPClient(agent).get(url, timeout=timeout)
+    body = await treq.content(response)
+    match = _PID.search(body)
+    return Response(response.code, body, int(match.group(1)) if match else None)
 
 
 def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes]:

@@ -21,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from txgrace import testing
 from txgrace.testing import (
     HTTPLoad,
     LoadResult,
@@ -117,6 +118,39 @@ class ChunkedFromTwistedTests(TestCase):
         body = yield treq.content(response)
         status, ours = yield deferToThread(slowRequest, "127.0.0.1", self.port, "/", 10)
         self.assertEqual((status, ours), (response.code, body))
+
+
+class GetTests(TestCase):
+    """
+    L{txgrace.testing.get}: one request with treq, in the reactor.
+    """
+
+    async def test_chunkedBodyAndPid(self) -> None:
+        """
+        The status, the whole (chunked) body, and the pid it names.
+        """
+        port = reactor.listenTCP(0, Site(Pieces()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        response = await testing.get(f"http://127.0.0.1:{port.getHost().port}/")
+        self.assertEqual(
+            response, testing.Response(200, b"".join(PIECES), os.getpid())
+        )
+
+    async def test_whichProcessServed(self) -> None:
+        """
+        Against a real server, C{pid} says which generation answered: the
+        first, then its successor after a restart.
+        """
+        from txgrace.test.test_process import startServer
+        from txgrace.test.test_restart import restart
+
+        server, serving = startServer(self)
+        url = f"http://127.0.0.1:{serving.port()}/"
+        first = await testing.get(url)
+        self.assertEqual((first.status, first.pid), (200, serving.pid))
+        successor = await deferToThread(restart, server, serving)
+        second = await testing.get(url)
+        self.assertEqual((second.status, second.pid), (200, successor.pid))
 
 
 def cannedServer(test: SynchronousTestCase, response: bytes) -> int:
