@@ -4,9 +4,10 @@ Every private Twisted name that txgrace uses, in one place.
 
 Each name is a liability: Twisted may rename or drop it in any release.  So
 every use goes through this module, each with a comment saying what it is
-for and which Twisted releases have it (each was checked in the source of
-24.7.0, the oldest that C{pyproject.toml} allows, and of 26.10.0), and L{missingNames} lists the ones
-the installed Twisted lacks; C{txgrace.test.test_twisted} fails on any.
+for and which Twisted releases have it (each was checked in 26.4.0, the
+oldest that C{pyproject.toml} allows and C{.ci/oldest.txt} pins, and in
+26.10.0), and L{missingNames} lists the ones the installed Twisted lacks;
+C{txgrace.test.test_twisted} fails on any.
 
 Names used by modules this one does not cover yet are listed in
 L{OTHER_MODULES}.
@@ -38,7 +39,7 @@ def tcpPortFromDescriptor(
     # tcp.Port._fromListeningDescriptor (classmethod): what the public
     # reactor.adoptStreamPort calls, but that makes a plain tcp.Port, and
     # txgrace needs its own subclass (tracked connections, accept limit).
-    # Present with this signature in 24.7.0 and 26.10.0; believed since 10.1
+    # Present with this signature in 26.4.0 and 26.10.0; believed since 10.1
     # (when adoptStreamPort came).
     return portClass._fromListeningDescriptor(  # type: ignore[attr-defined]
         reactor, fd, family, factory
@@ -53,7 +54,7 @@ def unixPortFromDescriptor(
     on a dup of the listening UNIX socket C{fd}.
     """
     # unix.Port._fromListeningDescriptor (classmethod): as above, for UNIX
-    # ports.  Present with this signature in 24.7.0 and 26.10.0.
+    # ports.  Present with this signature in 26.4.0 and 26.10.0.
     return portClass._fromListeningDescriptor(  # type: ignore[attr-defined]
         reactor, fd, factory
     )
@@ -66,7 +67,7 @@ def withoutShutdown(portClass: _PortClass) -> _PortClass:
     """
     # tcp._SocketCloser._shouldShutdown (class attribute, read in
     # _closeSocket): adopted TCP ports already set it False; adopted UNIX
-    # ports do not.  Present in 24.7.0 and 26.10.0; believed since 10.1.
+    # ports do not.  Present in 26.4.0 and 26.10.0; believed since 10.1.
     setattr(portClass, "_shouldShutdown", False)
     return portClass
 
@@ -82,7 +83,7 @@ def wrappedHTTPChannel(protocol: Any) -> Any:
     """
     # http._GenericHTTPChannelProtocol._channel: the HTTPChannel, or the
     # H2Connection once ALPN chose h2.  No public accessor.  Present in
-    # 24.7.0 and 26.10.0; believed since 16.3 (HTTP/2 support).
+    # 26.4.0 and 26.10.0; believed since 16.3 (HTTP/2 support).
     from twisted.web import http
 
     if isinstance(protocol, http._GenericHTTPChannelProtocol):
@@ -96,7 +97,7 @@ def unparsedBytes(channel: Any) -> bytes:
     yet: a request line that is still arriving.
     """
     # basic.LineReceiver._buffer (HTTPChannel is a LineReceiver): there is
-    # no public way to see a partial line.  Present in 24.7.0 and 26.10.0
+    # no public way to see a partial line.  Present in 26.4.0 and 26.10.0
     # (and long before): a class attribute, then an instance attribute once
     # data arrived.
     return bytes(getattr(channel, "_buffer", b""))
@@ -110,7 +111,7 @@ def h2ConnectionClass() -> type | None:
     # twisted.web._http2.H2Connection: a private module, imported only
     # when h2 is installed.  Its public-named attributes conn (the h2
     # connection), streams (open stream id -> H2Stream) and transport are
-    # used too.  Present in 24.7.0 and 26.10.0; believed since 16.3.
+    # used too.  Present in 26.4.0 and 26.10.0; believed since 16.3.
     try:
         from twisted.web._http2 import H2Connection
     except ImportError:
@@ -130,7 +131,7 @@ H2_STREAM_EVENTS = {
 """
 The H2Connection methods that its C{dataReceived} calls, looked up on the
 instance, for each stream event a drain must filter.  All three present in
-24.7.0 and 26.10.0; believed since 16.3.
+26.4.0 and 26.10.0; believed since 16.3.
 """
 
 
@@ -161,7 +162,7 @@ def systemdParserDescriptors() -> systemd.ListenFDs | None:
     """
     # endpoints._SystemdParser._sddaemon (class attribute set at import):
     # the only copy of those descriptors once the variables are gone.
-    # Present in 24.7.0 and 26.10.0.  An older _sddaemon that is not a
+    # Present in 26.4.0 and 26.10.0.  An older _sddaemon that is not a
     # ListenFDs is treated as absent.
     from twisted.internet import endpoints
 
@@ -178,7 +179,7 @@ def listenFDNames(listenFDs: systemd.ListenFDs) -> list[str]:
     empty when it has none.
     """
     # ListenFDs._names (an attrs field): inheritedNamedDescriptors() is
-    # public but loses the order and any repeated name.  Present in 24.7.0
+    # public but loses the order and any repeated name.  Present in 26.4.0
     # and 26.10.0.
     return list(getattr(listenFDs, "_names", ()))
 
@@ -271,7 +272,7 @@ def serveAcceptedSocket(port: Any, skt: Any, address: Any) -> Any:
 # -- Public-named internals -------------------------------------------------
 #
 # Not underscored, so not routed here, but undocumented, and txgrace.adopt
-# builds on them (all present in 24.7.0 and 26.10.0): tcp.Port.doRead and
+# builds on them (all present in 26.4.0 and 26.10.0): tcp.Port.doRead and
 # its numberAccepts batch size, tcp.Port.connectionLost, the ports'
 # transport class attribute with tcp.Server's constructor (skt, protocol,
 # client, server, sessionno, reactor), unix.Port's mode and backlog
@@ -298,8 +299,8 @@ def websocketWireProtocolClass() -> Any:
     an HTTP channel to, so that the drain can close it with code 1001.
 
     C{twisted.web._websocket_impl._WebSocketWireProtocol}: in the Twisted
-    releases that have C{twisted.web.websocket} (checked in 26.10.0; the
-    module needs C{wsproto}).
+    releases that have C{twisted.web.websocket} (checked in 26.4.0 and
+    26.10.0; the module needs C{wsproto}).
     """
     try:
         from twisted.web._websocket_impl import _WebSocketWireProtocol

@@ -59,14 +59,8 @@ class SocketRegistry:
     @ivar connections: Every open connection accepted through a grace port.
     @ivar handingOver: C{True} when this stop is not the final one: a
         successor or this worker's master keeps the sockets.  Stopping a
-        port then leaves UNIX socket paths in place.
-    @ivar ownsInherited: C{True} once this process owns the UNIX socket
-        paths it inherited, so that its final stop removes them.  A process
-        always owns the paths it bound itself; an inherited path belongs to
-        whoever serves on it.  The lifecycle sets this once this process is
-        the serving process (its predecessor handed over to it), and never
-        in a master's worker (the master owns them) nor in a successor that
-        is still starting (its predecessor still serves on them).
+        port then leaves UNIX socket paths in place.  Who may remove a path
+        on a final stop is each port's own C{boundHere}, not the registry's.
     @ivar acceptLimit: The most connections a port accepts per wakeup, or
         L{None} for Twisted's adaptive batch.  Workers sharing one socket
         use 1: with batches, the first worker to wake takes every queued
@@ -86,7 +80,6 @@ class SocketRegistry:
         self.ports: dict[str, Any] = {}
         self.connections: set[Any] = set()
         self.handingOver = False
-        self.ownsInherited = False
         self.acceptLimit: int | None = None
         self.accepting = True
         self._connectionLostObservers: list[Callable[[Any], None]] = []
@@ -396,13 +389,16 @@ class _GracePort:
         passed); L{stopListening} waits for that.  Other processes reading
         the same socket meanwhile take their share, as they always do.
 
-        Call it only where this process's copy is the last one that will
-        accept: the final stop of a process, or every worker of a master
-        that is stopping (the workers then share what is queued).  A worker
-        that retires while others go on serving must not: what is queued
-        is theirs to accept.  While accepting is paused (the process is not
-        ready) it takes nothing: a successor that failed before it was
-        ready leaves the queue to its predecessor.
+        The lifecycle calls it on the final stop of a process, and on the
+        stop of every worker that served: a worker cannot tell its master's
+        final stop (after which the last worker's copy closes the socket)
+        from a rolling restart, so a retiring worker takes part too.  It
+        accepts within L{SocketRegistry.acceptLimit} (1 in a worker), one
+        connection per wakeup like the workers that go on serving, so it
+        takes its share of the queue and never the whole queue at once.
+        While accepting is paused (the process is not ready) it takes
+        nothing: a successor that failed before it was ready leaves the
+        queue to its predecessor.
 
         @return: A Deferred that fires once nothing is queued.
         """
@@ -509,13 +505,17 @@ class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
     """
     An adopted UNIX port that shares its socket safely: it never
     C{shutdown()}s the socket, keeps the socket file's mode, and removes the
-    path only if this process owns it (see L{SocketRegistry.ownsInherited})
-    and only on a final stop, never while handing over.
+    path only if this process owns it (C{boundHere}) and only on a final
+    stop, never while handing over.
 
     @ivar path: The socket file's path, or L{None} for an abstract or
         unnamed socket.
-    @ivar boundHere: Whether this process bound the path itself, rather
-        than inheriting the socket.
+    @ivar boundHere: Whether this process owns the path: it bound the path
+        itself, or it serves now on a path its predecessor owned (the
+        lifecycle sets this for the keys named in C{TXGRACE_OWNED_SOCKETS}
+        once the process is ready; never in a worker, whose master owns the
+        path, nor in a successor that never became ready).  An inherited
+        path is otherwise left to whoever serves on it.
     """
 
     transport = TrackedUNIXServer
@@ -525,19 +525,18 @@ class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
 
     def connectionLost(self, reason: Failure) -> None:
         if self.path is not None and _mayUnlink(
-            self.registry, self.boundHere, final=not self.registry.handingOver
+            self.boundHere, final=not self.registry.handingOver
         ):
             _unlinkSocketFile(self.path, self._identity)
         self._closed(reason, tcp.Port.connectionLost)
 
 
-def _mayUnlink(registry: SocketRegistry, boundHere: bool, final: bool) -> bool:
+def _mayUnlink(boundHere: bool, final: bool) -> bool:
     """
     Whether a process may remove a UNIX socket path as its copy closes: only
-    on a final stop, and only if it bound the path or owns what it
-    inherited.
+    on a final stop, and only if it owns the path (C{boundHere}).
     """
-    return final and (boundHere or registry.ownsInherited)
+    return final and boundHere
 
 
 def _filesystemPath(address: object) -> str | None:
@@ -772,11 +771,11 @@ class HeldSocket:
         """
         Close this copy (once; later calls only remove the path); on a
         C{final} close, remove a UNIX socket's path if this process owns it
-        (it bound it, or L{SocketRegistry.ownsInherited}).
+        (C{boundHere}).
         """
         if self.registry.ports.get(self.key) is self:
             del self.registry.ports[self.key]
-        if self._path is not None and _mayUnlink(self.registry, self.boundHere, final):
+        if self._path is not None and _mayUnlink(self.boundHere, final):
             _unlinkSocketFile(self._path, self._identity)
             self._path = None
         if not self._closed:

@@ -4,7 +4,8 @@ C{twist txgrace} on loopback, signal it, and load it with HTTP clients that
 never retry and say exactly how each failed request failed.
 
 These helpers block (they use threads and subprocesses); call them from
-synchronous tests.
+synchronous tests.  The exception is L{get}, an asynchronous request made
+with treq, for tests that run in the reactor (C{async def} trial tests).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IAgent
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ class ServerProcess:
 
     @ivar events: Every JSON log event so far, from every generation.
     @ivar lines: Every other line written to stdout or stderr.
+    @ivar readError: What went wrong in the thread that reads the output,
+        or L{None}.  L{waitFor} reports it, and L{close} raises it.
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class ServerProcess:
         self.arguments = list(arguments)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
+        self.readError: BaseException | None = None
         self._condition = threading.Condition()
         environment = dict(os.environ if env is None else env)
         environment.setdefault("PYTHONUNBUFFERED", "1")
@@ -144,22 +151,34 @@ class ServerProcess:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").strip("\x1e\n")
-            with self._condition:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    self.lines.append(line)
-                else:
-                    if isinstance(event, dict):
-                        self.events.append(event)
-                    else:
+        """
+        Read the output until its end, in the reader thread, which alone
+        reads and closes it: closing a file while another thread reads it
+        makes that read fail (C{ValueError}), and a reader that died that
+        way would hide every later event.
+        """
+        output = self.process.stdout
+        assert output is not None
+        try:
+            for raw in output:
+                line = raw.decode("utf-8", "replace").strip("\x1e\n")
+                with self._condition:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
                         self.lines.append(line)
+                    else:
+                        if isinstance(event, dict):
+                            self.events.append(event)
+                        else:
+                            self.lines.append(line)
+                    self._condition.notify_all()
+        except BaseException as e:
+            self.readError = e
+        finally:
+            output.close()
+            with self._condition:
                 self._condition.notify_all()
-        with self._condition:
-            self._condition.notify_all()
 
     @property
     def pid(self) -> int:
@@ -205,6 +224,10 @@ class ServerProcess:
                 if not self._reader.is_alive() and seen == len(self.events):
                     break
                 self._condition.wait(min(remaining, 0.5))
+        if self.readError is not None:
+            raise AssertionError(
+                "reading the output failed: %r" % (self.readError,)
+            ) from self.readError
         raise AssertionError(
             "no matching log event within %ss; output:\n%s"
             % (
@@ -328,7 +351,11 @@ class ServerProcess:
 
     def kill(self) -> None:
         """
-        SIGKILL every process of this server that is still alive, by pid.
+        SIGKILL every process of this server that is still alive, by pid,
+        then let the reader finish the output (see L{close}).
+
+        @raise AssertionError: If a process outlives SIGKILL, or if reading
+            the output failed.
         """
         if self.process.poll() is None:
             self.process.kill()
@@ -339,12 +366,29 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if self.process.stdout is not None:
-            self.process.stdout.close()
         if not waitUntil(lambda: not any(isAlive(p) for p in self.pids()), 10.0):
             raise AssertionError(
                 "still alive after SIGKILL: %r" % [p for p in self.pids() if isAlive(p)]
             )
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """
+        Wait up to C{timeout} seconds for the reader thread to read the
+        output to its end (every process that writes it has exited), which
+        closes it.  The output is never closed from here: the reader
+        thread may be reading it.
+
+        @return: Whether the output is closed; if not, a process still
+            holds it, and the reader closes it once that process is gone.
+        @raise AssertionError: If reading the output failed.
+        """
+        self._reader.join(timeout)
+        if self.readError is not None:
+            raise AssertionError(
+                "reading the output failed: %r" % (self.readError,)
+            ) from self.readError
+        return not self._reader.is_alive()
 
 
 def _startTime(pid: int) -> int | None:
@@ -782,6 +826,51 @@ class PacedClient:
                 if self._socket is not None:
                     self._socket.close()
                 self._socket = None
+
+@dataclass(frozen=True)
+class Response:
+    """
+    What L{get} received.
+
+    @ivar status: The status code.
+    @ivar body: The whole body.
+    @ivar pid: The pid the body names (C{"... pid N ..."}, as the demo and
+        the test apps answer), or L{None}: which process served.
+    """
+
+    status: int
+    body: bytes
+    pid: int | None
+
+
+async def get(
+    url: str, timeout: float = 10.0, agent: IAgent | None = None
+) -> Response:
+    """
+    GET C{url} with treq, on a connection of its own that is closed
+    afterwards (a kept-alive connection would pin later requests to the
+    process that accepted it first), and read the whole body.
+
+    @param agent: The L{IAgent} to send it with, such as one that connects
+        through a UNIX or TLS client endpoint; by default an L{Agent} with
+        no persistent connections.
+    @raise twisted.internet.defer.CancelledError: If no response came
+        within C{timeout} seconds.
+    """
+    # Imported here: importing treq imports twisted.internet.endpoints,
+    # which reads and deletes LISTEN_FDS, and this module may be imported
+    # by a process that has sockets to inherit.
+    import treq
+    from treq.client import HTTPClient
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    if agent is None:
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    response = await HTTPClient(agent).get(url, timeout=timeout)
+    body = await treq.content(response)
+    match = _PID.search(body)
+    return Response(response.code, body, int(match.group(1)) if match else None)
 
 
 def slowRequest(host: str, port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes]:

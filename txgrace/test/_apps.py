@@ -14,6 +14,8 @@ imported, its content makes this process misbehave: C{crash} raises at
 import, C{hang} never becomes ready, C{exit-after-bind} exits with status 3
 once its ports listen but before it is ready, C{exit-after-ready} exits
 with status 4 just after it is ready, C{slow-start} takes 1.5 s to import,
+C{hold-fails} holds its readiness with a Deferred that fails 0.3 s after
+the reactor starts (so it stops without ever serving),
 C{die-mid-handoff} exits with status 9 once it has taken a few connections
 from its predecessor, C{no-handoff} takes none (as an older txgrace).
 Tests write it to make a successor fail.
@@ -65,6 +67,15 @@ if _FAULT == "hang":
 if _FAULT == "exit-after-bind":
     holdReadiness(Deferred())
     reactor.callWhenRunning(reactor.callLater, 0.2, os._exit, 3)
+if _FAULT == "hold-fails":
+    _failingHold: Deferred = Deferred()
+    holdReadiness(_failingHold)
+    reactor.callWhenRunning(
+        reactor.callLater,
+        0.3,
+        _failingHold.errback,
+        RuntimeError("readiness check failed on purpose (TXGRACE_TEST_FAULT)"),
+    )
 if _FAULT == "slow-start":
     # Still starting for a while: a signal meanwhile must not kill it.
     import time

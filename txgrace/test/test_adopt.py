@@ -127,9 +127,10 @@ def _connectable(path: str) -> bool:
 
 class UNIXPathOwnershipTests(_SocketsMixin, TestCase):
     """
-    Only the process that bound a UNIX socket path, or one that owns the
-    paths it inherited (L{SocketRegistry.ownsInherited}), removes the path,
-    and only on a final stop.
+    Only the process that owns a UNIX socket path (C{boundHere}: it bound
+    the path, or the lifecycle gave it the ownership its predecessor passed
+    on in C{TXGRACE_OWNED_SOCKETS}) removes the path, and only on a final
+    stop.
     """
 
     def setUp(self) -> None:
@@ -168,13 +169,14 @@ class UNIXPathOwnershipTests(_SocketsMixin, TestCase):
 
     async def test_inheritedRemovedWhenOwned(self) -> None:
         """
-        Once the registry owns what it inherited, the final stop removes an
-        inherited path.
+        Once the port owns the path it inherited (the lifecycle marks it
+        C{boundHere} when the predecessor passed its ownership on and this
+        process serves), the final stop removes the path.
         """
         serving = self.listeningSocket(socket.AF_UNIX, self.path)
         registry = _registry([self.inherited(serving, "web")])
         port = await self.adopt(registry, "web", socket.AF_UNIX, self.path)
-        registry.ownsInherited = True
+        port.boundHere = True
         await port.stopListening()
         self.assertFalse(os.path.exists(self.path))
 
@@ -185,7 +187,7 @@ class UNIXPathOwnershipTests(_SocketsMixin, TestCase):
         """
         registry = _registry()
         port = await self.adopt(registry, "web", socket.AF_UNIX, self.path)
-        registry.ownsInherited = True
+        self.assertTrue(port.boundHere)
         registry.handingOver = True
         await port.stopListening()
         self.assertTrue(stat.S_ISSOCK(os.stat(self.path).st_mode))
@@ -336,8 +338,8 @@ class AcceptBacklogTests(_SocketsMixin, TestCase):
 
     async def test_retiringWithoutBacklogLeavesQueue(self) -> None:
         """
-        A port that stops without C{acceptBacklog} (a worker retiring while
-        others serve) leaves what is queued to another holder of the socket.
+        A port that stops without C{acceptBacklog} (a predecessor that
+        handed over) leaves what is queued to another holder of the socket.
         """
         registry, port, address = await self.queued(4, limit=1)
         other = socket.socket(fileno=os.dup(port.fileno()))

@@ -36,12 +36,13 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from txgrace import testing
 from txgrace.adopt import GraceTCPPort, GraceUNIXPort, SocketRegistry
 from txgrace.adopt import registry as processRegistry
 from txgrace.endpoints import GraceServerEndpoint, splitEndpoint, unparseEndpoint
@@ -176,16 +177,14 @@ class _ServingMixin:
 
     async def fetch(self, client: IStreamClientEndpoint) -> tuple[int, bytes]:
         """
-        GET / through C{client} with a Twisted L{Agent}.
+        GET / through C{client} with treq (L{txgrace.testing.get}).
 
         @return: The status code and the body.
         """
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        self.addCleanup(pool.closeCachedConnections)
+        pool = HTTPConnectionPool(reactor, persistent=False)
         agent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(client), pool=pool)
-        response = await agent.request(b"GET", b"http://localhost/")
-        body = await readBody(response)
-        return response.code, body
+        response = await testing.get("http://localhost/", agent=agent)
+        return response.status, response.body
 
 
 class ParseTests(TestCase):

@@ -271,24 +271,6 @@ class StormTests(TestCase):
         )
         self.assertGreater(started, 2)
 
-    def test_restartWhileDrainingThirtySecondRequest(self) -> None:
-        """
-        Two restarts while the first generation drains a 30 s request: the
-        request completes from generation 1, and generation 3 serves.
-        """
-        server, serving = startServer(self)
-        slow = _Background(
-            slowRequest, "127.0.0.1", serving.port(), "/sleep?duration=30", 60
-        )
-        server.waitForMessage("sleeping 30")
-        server.signal(signal.SIGHUP)
-        second = server.waitServing(2)
-        third = restart(server, second)
-        self.assertIn(f"pid {third.pid}".encode(), get(serving.port()))
-        status, body = slow.join(60)
-        self.assertEqual(status, 200)
-        self.assertIn(f"from pid {serving.pid}".encode(), body)
-
 
 class FileDescriptorLimitTests(TestCase):
     """
@@ -326,29 +308,27 @@ def _answers(port: int, pid: int) -> bool:
         return False
 
 
+_BIND_PORT_81 = """
+import socket, sys
+probe = socket.socket()
+try:
+    probe.bind(("127.0.0.1", 81))
+except PermissionError:
+    sys.exit(13)
+"""
+"""
+Exits 0 if this user may bind port 81, 13 if it may not.
+"""
+
+
 class BadInputTests(OneLineErrorMixin, TestCase):
     """
     Bad input: one clear line naming the input, a non-zero exit, no
     traceback.  One real C{twist txgrace} per way of failing (the options,
-    the app, the endpoint, listening); L{txgrace.test.test_units} checks
-    each message.
+    the endpoint, listening); an app that fails to import is in
+    L{txgrace.test.test_tap}, and L{txgrace.test.test_units} checks the
+    other messages.
     """
-
-    def test_appRaisesOnImport(self) -> None:
-        """
-        An exception raised while importing C{--app} is shown with its own
-        message.
-        """
-        fault = os.path.abspath(self.mktemp())
-        with open(fault, "w") as f:
-            f.write("crash")
-        result = runTwist(
-            "--endpoint", LOCAL, "--app", APP,
-            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
-        )
-        self.assertOneLineError(
-            result, "RuntimeError: crashing on purpose", "txgrace.test._apps"
-        )
 
     def test_endpointWithoutPrefix(self) -> None:
         """
@@ -385,7 +365,9 @@ class BadInputTests(OneLineErrorMixin, TestCase):
     def test_privilegedPort(self) -> None:
         """
         A port that needs privileges fails with its address, for a user
-        without them.
+        without them.  Skipped, with the reason, where this user may bind
+        port 81 after all; if the server binds it anyway, it is killed (by
+        pid) and the test fails at once instead of waiting out a timeout.
         """
         if os.geteuid() == 0:
             setpriv = shutil.which("setpriv")
@@ -397,18 +379,41 @@ class BadInputTests(OneLineErrorMixin, TestCase):
                       "--inh-caps=-net_bind_service"]
         else:
             prefix = []
-        result = subprocess.run(
-            [*prefix, sys.executable, "-m", "twisted", "txgrace", "--endpoint",
-             "grace:tcp:81:interface=127.0.0.1", "--app", APP],
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c", _BIND_PORT_81],
             capture_output=True, text=True, timeout=60, cwd="/",
         )
-        if "Permission denied" not in result.stdout + result.stderr and result.returncode == 0:
-            raise SkipTest("this user may bind port 81")
+        if probe.returncode == 0:
+            raise SkipTest(
+                "this user may bind port 81 (it keeps CAP_NET_BIND_SERVICE, or "
+                "net.ipv4.ip_unprivileged_port_start is 81 or less)"
+            )
+        if probe.returncode != 13:
+            raise SkipTest(
+                "cannot tell whether this user may bind port 81: "
+                + (probe.stdout + probe.stderr).strip()[-500:]
+            )
+        process = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "twisted", "txgrace", "--endpoint",
+             "grace:tcp:81:interface=127.0.0.1", "--app", APP],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd="/",
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            self.fail(
+                "twist txgrace was still running after 60 s: it bound port 81 "
+                "although the probe could not; output:\n" + (stdout + stderr)[-2000:]
+            )
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         self.assertOneLineError(result, "127.0.0.1:81", "Permission denied")
 
     def test_negativeReadyTimeout(self) -> None:
         """
-        A negative ready timeout is refused, naming the option.
+        A negative ready timeout is refused, naming the option and the value.
         """
         result = runTwist("--endpoint", LOCAL, "--app", APP, "--ready-timeout", "-1")
         self.assertOneLineError(result, "--ready-timeout", "'-1'")
@@ -442,6 +447,45 @@ class BadInputTests(OneLineErrorMixin, TestCase):
         self.assertEqual(serving.addresses[0][1], "127.0.0.2")
         server.waitForMessage(r"Not adopting inherited fd 3 \(web\): it is bound to")
         server.waitForMessage(r"Closing inherited fd 3 \(web\)")
+
+    def test_failedStartFlushesBufferedLog(self) -> None:
+        """
+        twist holds log events back until the service has started; a start
+        that fails writes them to stderr (which a successor shares with its
+        predecessor) before its one-line error, so the line that says why
+        (here: the inherited socket was not adopted, and the fresh bind
+        then found the port taken) is not lost.
+        """
+        elsewhere = socket.socket()
+        self.addCleanup(elsewhere.close)
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen(1)
+        elsewhere.set_inheritable(True)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        script = (
+            'exec 3<&%d; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec "$@"'
+            % elsewhere.fileno()
+        )
+        result = subprocess.run(
+            [
+                "/bin/sh", "-c", script, "sh", sys.executable, "-m", "twisted",
+                "txgrace", "--endpoint",
+                f"grace:tcp:{port}:interface=127.0.0.1:name=web", "--app", APP,
+            ],
+            pass_fds=[elsewhere.fileno()],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertOneLineError(result, f"127.0.0.1:{port}")
+        self.assertIn("Not adopting inherited fd 3 (web): it is bound to", result.stderr)
+        lastLine = result.stderr.rstrip().splitlines()[-1]
+        self.assertTrue(lastLine.startswith("twist txgrace: error: "), lastLine)
 
 
 class SecurityTests(TestCase):

@@ -334,15 +334,19 @@ class NamePropertyTests(TestCase):
     def test_anyNames(self, names: list[str]) -> None:
         """
         Any names are either passed and read back unchanged, or refused
-        with L{ValueError} because one is empty or has C{:} or NUL.
+        with L{ValueError} because one is empty or has C{:} or NUL; the
+        message quotes the first such name.
         """
-        passable = all(name and ":" not in name and "\0" not in name for name in names)
+        bad = [name for name in names if not name or ":" in name or "\0" in name]
         try:
             environ = listenEnvironment({}, names)
-        except ValueError:
-            self.assertFalse(passable)
+        except ValueError as e:
+            self.assertTrue(bad)
+            self.assertEqual(
+                str(e), f"socket name {bad[0]!r} cannot be passed in LISTEN_FDNAMES"
+            )
             return
-        self.assertTrue(passable)
+        self.assertEqual(bad, [])
         environ["LISTEN_PID"] = "123"
         self.assertEqual(
             _declaredDescriptors(environ, 123),

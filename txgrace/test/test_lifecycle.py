@@ -327,6 +327,23 @@ class RestartTests(LifecycleTestCase):
         assert status is not None
         self.assertEqual((status["outcome"], status["successor"]), ("ready", successor.pid))
 
+    def test_ownedSocketsHandedOn(self) -> None:
+        """
+        The successor is told, in C{TXGRACE_OWNED_SOCKETS}, the keys of the
+        ports whose UNIX socket paths this process owns (C{boundHere}), and
+        only those: its final stop then removes them.
+        """
+        owned, other = FakePort("unix/web"), FakePort("unix/api")
+        owned.boundHere = True  # type: ignore[attr-defined]
+        other.boundHere = False  # type: ignore[attr-defined]
+        self.registry.ports = {"unix/web": owned, "unix/api": other, "tcp/*/8080": self.port}
+        lifecycle = self.serving()
+        lifecycle.restart()
+        [successor] = FakeSuccessor.made
+        self.assertEqual(
+            successor.options["environment"]["TXGRACE_OWNED_SOCKETS"], "unix/web"
+        )
+
     def test_secondRestartRefused(self) -> None:
         """
         A restart while a successor starts is refused, and so is one after
@@ -423,6 +440,23 @@ class StopTests(LifecycleTestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.successResultOf(lifecycle.shutdown())
+
+    def test_servedWorkerTakesItsShareOfTheBacklog(self) -> None:
+        """
+        A worker that served takes what is queued when it stops, even when
+        it is only retiring (it cannot tell a rolling restart from its
+        master's final stop), but within an accept limit of 1: one
+        connection per wakeup, its share alongside the other workers.  It
+        leaves the sockets to its master.
+        """
+        self.patch(lifecycleModule, "takeControlChannel", lambda environ: (None, True))
+        lifecycle = self.serving()
+        self.assertTrue(lifecycle.worker)
+        self.assertEqual(self.registry.acceptLimit, 1)
+        self.assertTrue(self.registry.handingOver)
+        shutDown(self.reactor)
+        self.assertEqual((self.port.backlogAccepted, self.port.stopped), (1, 1))
+        self.assertEqual(self.notified, [])
 
     def test_handedOverStop(self) -> None:
         """

@@ -264,7 +264,7 @@ class MasterLifeTests(_MasterMixin, TestCase):
         self.assertEqual(receive(), ["STOPPING=1"])
         self.assertEqual(server.wait(60), 0)
         notifications.settimeout(0.5)
-        self.assertRaises(OSError, notifications.recv, 4096)
+        self.assertRaises(TimeoutError, notifications.recv, 4096)
 
     def test_shutdownDelay(self) -> None:
         """

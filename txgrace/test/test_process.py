@@ -91,13 +91,20 @@ class GracefulStopTests(TestCase):
         """
         A request in flight when SIGTERM arrives gets its whole 200 response
         (with C{Connection: close}); a connection made after the stop began
-        is refused; the process exits 0.
+        is refused; the process exits 0.  The first SIGTERM is logged, by
+        name, as SIGHUP is.
         """
         server, serving = startServer(self)
         port = serving.port()
         slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=1.5")
         server.waitForMessage("sleeping 1.5")
+        since = server.eventCount()
         server.signal(signal.SIGTERM)
+        received = server.waitForMessage(
+            r"^Received SIGTERM: stopping gracefully \(a second signal aborts\)$",
+            since=since,
+        )
+        self.assertEqual(received["log_namespace"], "txgrace.lifecycle")
         server.waitForMessage("Draining 1 connections")
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()

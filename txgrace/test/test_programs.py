@@ -21,7 +21,15 @@ from typing import Any, Callable
 from twisted.trial.unittest import SkipTest, TestCase
 
 from txgrace.test.test_process import _Background, shortTemporaryDirectory
-from txgrace.testing import HTTPLoad, ServerProcess, Serving, isAlive, slowRequest, waitUntil
+from txgrace.testing import (
+    HTTPLoad,
+    RequestFailed,
+    ServerProcess,
+    Serving,
+    isAlive,
+    slowRequest,
+    waitUntil,
+)
 
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
@@ -101,8 +109,8 @@ def assertAborted(test: TestCase, request: _Background) -> None:
     """
     try:
         result = request.join()
-    except Exception as e:
-        test.assertEqual(getattr(e, "kind", None), "reset", repr(e))
+    except RequestFailed as e:
+        test.assertEqual(e.kind, "reset", repr(e))
     else:
         test.fail(f"the request was answered: {result!r}")
 

@@ -16,6 +16,7 @@ import sys
 from twisted.trial.unittest import TestCase
 
 from txgrace.test.test_process import (
+    APP,
     LOCAL,
     _Background,
     shortTemporaryDirectory,
@@ -265,6 +266,104 @@ class RestartTests(TestCase):
         server, serving = startServer(self)
         successor = restart(server, serving)
         self.assertEqual(successor.addresses, serving.addresses)
+
+
+def unixGet(path: str) -> bytes:
+    """
+    One request on a new connection to the UNIX socket at C{path}; the
+    whole response.
+    """
+    response = b""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(15)
+        client.connect(path)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while chunk := client.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    return response
+
+
+class UNIXSocketOwnershipTests(TestCase):
+    """
+    A UNIX socket path is removed only by the process that owns it, at its
+    final stop: never by a predecessor that handed over, a successor that
+    never became ready, or a worker whose master still serves.
+    """
+
+    def setUp(self) -> None:
+        self.directory = shortTemporaryDirectory(self)
+        self.path = os.path.join(self.directory, "app.sock")
+        self.endpoint = f"grace:unix:{self.path}"
+
+    def assertServedBy(self, pid: int) -> None:
+        self.assertIn(f"from pid {pid}".encode(), unixGet(self.path))
+
+    def test_restartThenStop(self) -> None:
+        """
+        Across a restart the path stays (the same socket file) while the old
+        process exits; the successor, which now owns it
+        (C{TXGRACE_OWNED_SOCKETS}), removes it at its final stop, and the
+        directory is left empty.
+        """
+        server, serving = startServer(self, "--endpoint", self.endpoint)
+        inode = os.stat(self.path).st_ino
+        successor = restart(server, serving)
+        self.assertEqual(os.stat(self.path).st_ino, inode)
+        self.assertServedBy(successor.pid)
+        server.signal(signal.SIGTERM, successor.pid)
+        self.assertTrue(waitUntil(lambda: not isAlive(successor.pid), 30))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_successorNotReady(self) -> None:
+        """
+        A successor whose readiness hold fails stops without removing the
+        path: the old process goes on serving on it, and its own final stop
+        removes it.
+        """
+        fault = os.path.abspath(self.mktemp())
+        server, serving = startServer(
+            self,
+            "--endpoint",
+            self.endpoint,
+            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+        )
+        inode = os.stat(self.path).st_ino
+        with open(fault, "w") as f:
+            f.write("hold-fails")
+        server.signal(signal.SIGHUP, serving.pid)
+        started = server.waitForMessage("Started successor pid")["pid"]
+        server.waitForMessage("Not ready, stopping: RuntimeError: readiness check failed")
+        server.waitForMessage(r"Restart failed, pid \d+ goes on serving")
+        self.assertTrue(waitUntil(lambda: not isAlive(started), 30))
+        self.assertEqual(os.stat(self.path).st_ino, inode)
+        self.assertServedBy(serving.pid)
+        server.signal(signal.SIGTERM, serving.pid)
+        self.assertEqual(server.waitFirst(), 0)
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_workerStoppedDirectly(self) -> None:
+        """
+        A worker sent SIGTERM by its pid (not through its master) stops
+        without removing the path: the master's other workers go on serving
+        on it, and the master removes it at its final stop.
+        """
+        server = ServerProcess(
+            ["--workers", "2", "--endpoint", self.endpoint, "--app", APP]
+        )
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage("Master pid .* serving", 60)
+        workers = [int(p) for p in ready["pids"].split(", ")]
+        inode = os.stat(self.path).st_ino
+        os.kill(workers[0], signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(workers[0]), 30))
+        self.assertEqual(os.stat(self.path).st_ino, inode)
+        for _ in range(4):
+            body = unixGet(self.path)
+            self.assertNotIn(f"from pid {workers[0]}".encode(), body)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(server.wait(60), 0)
+        self.assertEqual(os.listdir(self.directory), [])
 
 
 class ChangedEndpointsTests(TestCase):

@@ -1,7 +1,8 @@
 """
 C{twist txgrace} as a user types it: one line for each mistake, the right
-version and usage line, and C{--app} for what Twisted web users have (a
-Klein app, attribute paths).  Settings from C{TXGRACE_*} in any program.
+version and usage line, and where an app that fails to import failed.
+Settings from C{TXGRACE_*} in any program.  (What C{--app} may name is in
+L{txgrace.test.test_units.LoadAppTests}.)
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
-from txgrace.tap import loadApp
 from txgrace.test.test_process import shortTemporaryDirectory
 
 
@@ -67,7 +66,12 @@ class CommandLineTests(TestCase):
         )
 
     def test_restartSignalsThatCannotRestart(self) -> None:
+        """
+        A restart signal that does not exist, cannot be caught, or stops the
+        server is refused with one line saying why.
+        """
         for name, why in [
+            ("NOPE", "no such signal"),
             ("KILL", "SIGKILL cannot restart: it cannot be caught"),
             ("STOP", "SIGSTOP cannot restart: it cannot be caught"),
             ("TERM", "SIGTERM cannot restart: it stops the server"),
@@ -82,6 +86,10 @@ class CommandLineTests(TestCase):
             )
 
     def test_nanHammerTimeout(self) -> None:
+        """
+        C{nan} is not a number of seconds; the message does not claim that
+        negative values are refused (they mean never).
+        """
         result = twist(
             "txgrace", "--hammer-timeout", "nan", "--endpoint", "grace:tcp:0", "--app", "x.y"
         )
@@ -131,54 +139,3 @@ class CommandLineTests(TestCase):
             "twist txgrace: error: --app 'brokenapp.site': importing 'brokenapp' raised "
             f"RuntimeError: no database (at {os.path.join(directory, 'brokenapp.py')}:3)",
         )
-
-
-class LoadAppTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.directory = shortTemporaryDirectory(self)  # type: ignore[arg-type]
-        sys.path.insert(0, self.directory)
-        self.addCleanup(sys.path.remove, self.directory)
-
-    def module(self, name: str, source: str) -> None:
-        with open(os.path.join(self.directory, name + ".py"), "w") as f:
-            f.write(textwrap.dedent(source))
-        self.addCleanup(sys.modules.pop, name, None)
-
-    def test_attributePath(self) -> None:
-        """
-        C{mod.app.resource} and C{mod:app.resource} name an attribute path.
-        """
-        self.module("txgrace_attrapp", """\
-            from twisted.web.resource import Resource
-
-            class App:
-                resource = Resource()
-
-            app = App()
-            """)
-        for spec in ("txgrace_attrapp.app.resource", "txgrace_attrapp:app.resource"):
-            site = loadApp(spec)
-            self.assertIs(site.resource, sys.modules["txgrace_attrapp"].app.resource)
-
-    def test_klein(self) -> None:
-        """
-        A Klein app is served through its C{resource()}.
-        """
-        try:
-            import klein  # noqa: F401
-        except ImportError:
-            raise SkipTest("klein is not installed")
-        self.module("txgrace_kleinapp", """\
-            from klein import Klein
-            app = Klein()
-
-            @app.route("/")
-            def home(request):
-                return "home"
-            """)
-        from klein.resource import KleinResource
-
-        site = loadApp("txgrace_kleinapp.app")
-        self.assertIsInstance(site.resource, KleinResource)
-        site = loadApp("txgrace_kleinapp.app.resource")
-        self.assertIsInstance(site.resource, KleinResource)

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import Any
 
 import treq
 from twisted.internet import reactor
@@ -20,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from txgrace import testing
 from txgrace.testing import (
     HTTPLoad,
     LoadResult,
@@ -116,6 +118,39 @@ class ChunkedFromTwistedTests(TestCase):
         body = yield treq.content(response)
         status, ours = yield deferToThread(slowRequest, "127.0.0.1", self.port, "/", 10)
         self.assertEqual((status, ours), (response.code, body))
+
+
+class GetTests(TestCase):
+    """
+    L{txgrace.testing.get}: one request with treq, in the reactor.
+    """
+
+    async def test_chunkedBodyAndPid(self) -> None:
+        """
+        The status, the whole (chunked) body, and the pid it names.
+        """
+        port = reactor.listenTCP(0, Site(Pieces()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        response = await testing.get(f"http://127.0.0.1:{port.getHost().port}/")
+        self.assertEqual(
+            response, testing.Response(200, b"".join(PIECES), os.getpid())
+        )
+
+    async def test_whichProcessServed(self) -> None:
+        """
+        Against a real server, C{pid} says which generation answered: the
+        first, then its successor after a restart.
+        """
+        from txgrace.test.test_process import startServer
+        from txgrace.test.test_restart import restart
+
+        server, serving = startServer(self)
+        url = f"http://127.0.0.1:{serving.port()}/"
+        first = await testing.get(url)
+        self.assertEqual((first.status, first.pid), (200, serving.pid))
+        successor = await deferToThread(restart, server, serving)
+        second = await testing.get(url)
+        self.assertEqual((second.status, second.pid), (200, successor.pid))
 
 
 def cannedServer(test: SynchronousTestCase, response: bytes) -> int:
@@ -245,8 +280,7 @@ class ServingPidTests(SynchronousTestCase):
         """
         script = "import sys\nfor line in sys.argv[1:]:\n    print(line)\n"
         process = ServerProcess([], command=[sys.executable, "-c", script, *events])
-        assert process.process.stdout is not None
-        self.addCleanup(process.process.stdout.close)
+        self.addCleanup(lambda: self.assertTrue(process.close()))
         self.assertEqual(process.waitFirst(30), 0)
         self.assertTrue(waitUntil(lambda: process.eventCount() == len(events), 10))
         return process
@@ -323,3 +357,45 @@ class FollowsGenerationsTests(TestCase):
         server.signal(signal.SIGTERM)
         self.assertIsNone(server.wait())
         self.assertFalse(isAlive(successor.pid))
+
+
+class ReaderTests(SynchronousTestCase):
+    """
+    L{ServerProcess} reads its processes' output in a thread that nothing
+    else closes under it.
+    """
+
+    def test_killWhileReading(self) -> None:
+        """
+        L{ServerProcess.kill} while the reader thread is busy with a flood of
+        output: the reader reaches the end of the output, nothing raises in
+        it, and the output is closed.
+        """
+        errors: list[Any] = []
+        self.patch(threading, "excepthook", errors.append)
+        flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 4000 + '\\n')\n"
+        for _ in range(20):
+            server = ServerProcess([], command=[sys.executable, "-c", flood])
+            self.assertTrue(waitUntil(lambda: len(server.lines) > 50, 30))
+            server.kill()
+            self.assertTrue(server.close())
+            assert server.process.stdout is not None
+            self.assertTrue(server.process.stdout.closed)
+            self.assertIsNone(server.readError)
+        self.assertEqual([e.exc_value for e in errors], [])
+
+    def test_readErrorReported(self) -> None:
+        """
+        A reader thread that fails does not pass for the end of the output:
+        L{ServerProcess.waitFor} and L{ServerProcess.close} raise, naming
+        what went wrong.
+        """
+        server = ServerProcess([], command=[sys.executable, "-c", "print('{}')"])
+        self.addCleanup(server.kill)
+        self.assertTrue(server.close())
+        server.readError = ValueError("the reader broke")
+        error = self.assertRaises(AssertionError, server.waitFor, lambda e: False, 1)
+        self.assertIn("reading the output failed: ValueError('the reader broke')", str(error))
+        error = self.assertRaises(AssertionError, server.close)
+        self.assertIn("the reader broke", str(error))
+        server.readError = None
