@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import weakref
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -16,6 +17,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+import txgrace
 from txgrace import lifecycle as lifecycleModule
 from txgrace.adopt import SocketRegistry
 from txgrace.drain import DrainResult
@@ -27,8 +29,10 @@ from txgrace.lifecycle import (
     STOPPING,
     ProcessLifecycle,
     RestartRefused,
+    lifecycleFor,
 )
 from txgrace.pidfile import readRestartStatus
+from txgrace.service import GraceService
 from txgrace.restart import GO_TIMEOUT, ControlChannel, Successor, SuccessorFailed
 from txgrace.settings import SettingError, resolve
 from txgrace.test.test_process import shortTemporaryDirectory as temporaryDirectory
@@ -937,3 +941,100 @@ class SettingsTests(SynchronousTestCase):
         with self.assertRaises(SettingError) as raised:
             lifecycle.configure(restartSignals=["INT"])
         self.assertIn("SIGINT cannot restart", str(raised.exception))
+
+
+class ProcessWideTests(SynchronousTestCase):
+    """
+    One lifecycle per process, whoever configures it: L{txgrace.configure},
+    L{GraceService}, C{twist txgrace}'s service and a bare C{grace:} port
+    all reach the same L{ProcessLifecycle}.  These tests put a lifecycle of
+    their own (on a memory reactor, with an environment of their own) in
+    the table, keyed by this process's socket registry, and restore both.
+    """
+
+    def setUp(self) -> None:
+        from txgrace.adopt import registry
+
+        self.registry = registry
+        self.reactor = MemoryReactorClock()
+        self.patch(lifecycleModule, "_lifecycles", weakref.WeakKeyDictionary())
+        self.patch(registry, "accepting", registry.accepting)
+
+    def processLifecycle(self, environ: dict[str, str]) -> ProcessLifecycle:
+        """
+        Make this process's lifecycle, reading C{environ}.
+        """
+        lifecycle = ProcessLifecycle(
+            self.reactor, self.registry, environ=environ, host=lambda: None
+        )
+        lifecycle.installSignalHandlers = False
+        lifecycleModule._lifecycles[self.registry] = lifecycle
+        return lifecycle
+
+    def test_configureOrder(self) -> None:
+        """
+        The public L{txgrace.configure} sets this process's lifecycle: code
+        beats the environment, which beats the defaults; a call after the
+        install applies too.
+        """
+        lifecycle = self.processLifecycle(
+            {"TXGRACE_HAMMER_TIMEOUT": "7", "TXGRACE_READY_TIMEOUT": "8"}
+        )
+        txgrace.configure(hammerTimeout=5)
+        lifecycle.install()
+        settings = lifecycle.settings
+        self.assertEqual(
+            (settings.hammerTimeout, settings.readyTimeout, settings.shutdownDelay),
+            (5.0, 8.0, 0.0),
+        )
+        self.assertEqual(settings.restartSignals, (signal.SIGHUP, signal.SIGUSR2))
+        txgrace.configure(readyTimeout=2, shutdownDelay=3)
+        self.assertEqual(
+            (lifecycle.settings.readyTimeout, lifecycle.settings.shutdownDelay),
+            (2.0, 3.0),
+        )
+        with self.assertRaises(SettingError) as raised:
+            txgrace.configure(hammerTimeout="soon")
+        self.assertIn("hammerTimeout", str(raised.exception))
+
+    def test_oneLifecycle(self) -> None:
+        """
+        L{GraceService}, C{twist txgrace}'s service, L{txgrace.configure}
+        and a C{grace:} endpoint made by C{serverFromString} use the one
+        lifecycle of the process; L{GraceService}'s settings are the
+        process's.
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        from txgrace.endpoints import GraceServerEndpoint
+        from txgrace.tap import _CommandLineService
+
+        lifecycle = self.processLifecycle({})
+        service = GraceService(hammerTimeout=0.5, reactor=self.reactor)
+        command = _CommandLineService(reactor=self.reactor)
+        txgrace.configure(readyTimeout=9)
+        endpoint = serverFromString(self.reactor, "grace:tcp:0:interface=127.0.0.1")
+        assert isinstance(endpoint, GraceServerEndpoint)
+        self.assertIs(service.lifecycle, lifecycle)
+        self.assertIs(command.lifecycle, lifecycle)
+        self.assertIs(lifecycleFor(endpoint.registry, self.reactor), lifecycle)
+        lifecycle.install()
+        self.assertEqual(
+            (lifecycle.settings.hammerTimeout, lifecycle.settings.readyTimeout),
+            (0.5, 9.0),
+        )
+
+    def test_badEnvironmentIsOneLine(self) -> None:
+        """
+        A bad C{TXGRACE_*} value ends L{GraceService}'s start with one line
+        naming the variable and the value, not a traceback.
+        """
+        self.processLifecycle({"TXGRACE_HAMMER_TIMEOUT": "soon"})
+        service = GraceService(reactor=self.reactor, installSignalHandlers=False)
+        for start in (service.privilegedStartService, service.startService):
+            with self.assertRaises(SystemExit) as raised:
+                start()
+            self.assertEqual(
+                str(raised.exception),
+                "txgrace: error: TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds",
+            )

@@ -61,6 +61,32 @@ service.startService()
 reactor.run()
 """
 
+SHARED_SCRIPT = """\
+import sys
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from txgrace import GraceService
+from txgrace.lifecycle import lifecycleFor
+from txgrace.test._apps import site
+
+globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, "")])
+service = GraceService(hammerTimeout=0.5)  # no port of its own
+service.startService()
+serverFromString(reactor, {endpoint!r}).listen(site)  # a bare grace: port
+Logger().info("one lifecycle: {{same}}", same=service.lifecycle is lifecycleFor())
+reactor.run()
+"""
+
+BARE_PORT_APP = """\
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from txgrace.test._apps import site
+
+# A grace: port of the application's own, next to twist txgrace's.
+serverFromString(reactor, {endpoint!r}).listen(site)
+"""
+
 KLEIN = """\
 import os, sys
 from klein import Klein
@@ -379,6 +405,71 @@ class PlainScriptTests(ProgramTestsMixin, TestCase):
             f.write(SERVICE_SCRIPT.format(endpoint=LOCAL))
         server = self.server([sys.executable, "serve.py"], directory)
         self.story(server)
+
+
+class SharedLifecycleTests(TestCase):
+    """
+    One lifecycle per process: the settings given to L{txgrace.GraceService}
+    or to C{twist txgrace} govern the drain of a bare C{grace:} port in the
+    same process.
+    """
+
+    def hammeredAfterHalfASecond(self, server: ServerProcess, ports: list[int]) -> None:
+        """
+        A request that never ends on each of C{ports}; SIGTERM aborts all of
+        them after the half-second hammer timeout (the default is 60 s).
+        """
+        forever = []
+        for port in ports:
+            since = server.eventCount()
+            forever.append(_Background(slowRequest, "127.0.0.1", port, "/forever"))
+            server.waitForMessage("forever begins", since=since)
+        since = server.eventCount()
+        began = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        server.waitForMessage(
+            rf"Hammer: aborted {len(ports)} connections", since=since, timeout=15
+        )
+        self.assertLess(time.monotonic() - began, 15)
+        for request in forever:
+            assertAborted(self, request)
+        self.assertTrue(waitUntil(lambda: not isAlive(server.pid), 30))
+
+    def test_graceServiceSettingsReachBarePort(self) -> None:
+        """
+        A script with a L{txgrace.GraceService}C{(hammerTimeout=0.5)} that
+        listens on a bare C{serverFromString(reactor, "grace:...")} port:
+        both use the process's one lifecycle, and the bare port's drain is
+        hammered after 0.5 s.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "serve.py"), "w") as f:
+            f.write(SHARED_SCRIPT.format(endpoint=LOCAL))
+        server = ServerProcess(
+            [], command=[sys.executable, "serve.py"], cwd=directory, env=dict(os.environ)
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        server.waitForMessage(r"one lifecycle: True")
+        self.hammeredAfterHalfASecond(server, [first.port(0)])
+
+    def test_twistTxgraceSettingsReachBarePort(self) -> None:
+        """
+        C{twist txgrace --hammer-timeout 0.5} with an app that opens a bare
+        C{grace:} port of its own: the one lifecycle serves and drains both
+        ports with twist txgrace's settings.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "bareportapp.py"), "w") as f:
+            f.write(BARE_PORT_APP.format(endpoint=LOCAL))
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "bareportapp.site", "--hammer-timeout", "0.5"],
+            cwd=directory,
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertEqual(len(first.addresses), 2)
+        self.hammeredAfterHalfASecond(server, [first.port(0), first.port(1)])
 
 
 class KleinTests(ProgramTestsMixin, TestCase):
