@@ -243,9 +243,14 @@ class TwistWebTests(ProgramTestsMixin, TestCase):
             pids.append(current.pid)
         get(port)
         result = load.stop()
-        self.assertEqual(dict(result.failures), {})
+        self.assertEqual((result.failed, dict(result.failures)), (0, {}))
         self.assertEqual(len(set(pids)), 11)
-        self.assertGreater(result.ok, 0)
+        # Every one of the 11 generations answered some of the load, and
+        # no other pid did.
+        self.assertEqual(sorted(result.pids), sorted(pids), result)
+        self.assertEqual(sum(result.pids.values()), result.ok)
+        for pid in pids:
+            self.assertGreater(result.pids[pid], 0, (pid, result))
 
 
 class TwistdForegroundTests(ProgramTestsMixin, TestCase):
