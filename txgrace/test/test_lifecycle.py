@@ -1024,6 +1024,48 @@ class ProcessWideTests(SynchronousTestCase):
             (0.5, 9.0),
         )
 
+    def test_bindsInPrivilegedStartService(self) -> None:
+        """
+        L{GraceService}'s ports listen in C{privilegedStartService}, which
+        twistd calls before C{--uid}/C{--gid} drop privileges (so a port
+        below 1024 can be had); C{startService} listens on nothing more.  A
+        listen that fails at once fails the privileged start.
+        """
+        from twisted.application.service import Application, IService
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import StringTransport
+        from zope.interface import implementer
+        from twisted.internet.interfaces import IStreamServerEndpoint
+
+        @implementer(IStreamServerEndpoint)
+        class RecordingEndpoint:
+            def __init__(self, fails: bool = False) -> None:
+                self.listened = 0
+                self.fails = fails
+
+            def listen(self, factory: Any) -> Deferred[Any]:
+                self.listened += 1
+                if self.fails:
+                    return fail(CannotListenError("127.0.0.1", 80, OSError("denied")))
+                return succeed(StringTransport())
+
+        lifecycle = self.processLifecycle({})
+        endpoint = RecordingEndpoint()
+        application = Application("privileged")
+        service = GraceService(reactor=self.reactor)
+        service.listen(endpoint, Factory())
+        service.setServiceParent(application)
+        IService(application).privilegedStartService()  # as twistd does
+        self.assertTrue(lifecycle.installed)
+        self.assertEqual(endpoint.listened, 1)
+        IService(application).startService()
+        self.assertEqual(endpoint.listened, 1)
+
+        failing = GraceService(reactor=self.reactor)
+        failing.listen(RecordingEndpoint(fails=True), Factory())
+        self.assertRaises(CannotListenError, failing.privilegedStartService)
+
     def test_badEnvironmentIsOneLine(self) -> None:
         """
         A bad C{TXGRACE_*} value ends L{GraceService}'s start with one line
