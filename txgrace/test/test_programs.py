@@ -35,6 +35,17 @@ application = service.Application("txgrace-test")
 strports.service({endpoint!r}, site).setServiceParent(application)
 """
 
+BROKEN_ON_MARKER_TAC = """\
+import os
+from twisted.application import service, strports
+from txgrace.test._apps import site
+
+if os.path.exists("broken"):
+    raise RuntimeError("this build is broken (marker file)")
+application = service.Application("txgrace-test")
+strports.service({endpoint!r}, site).setServiceParent(application)
+"""
+
 SCRIPT = """\
 import sys
 from twisted.internet import reactor
@@ -330,9 +341,11 @@ class TwistdDaemonTests(TestCase):
     def test_daemon(self) -> None:
         """
         C{twistd --pidfile P --logfile L -y app.tac}: C{kill -HUP $(cat P)}
-        restarts, again and again; the successor does not daemonize again
-        (its pid is the one that serves and that P names); every
-        generation's lines are in L; TERM drains and removes P.
+        restarts, again and again, with no failed request under load and a
+        slow request answered by the old pid; the successor does not
+        daemonize again (its pid is the one that serves and that P names);
+        every generation's lines are in L; TERM drains (a slow request in
+        flight completes) and removes P.
         """
         directory = shortTemporaryDirectory(self)
         with open(os.path.join(directory, "app.tac"), "w") as f:
@@ -356,6 +369,8 @@ class TwistdDaemonTests(TestCase):
         port, first = int(match.group(1)), int(match.group(2))
         pids.append(first)
         self.assertEqual(readPid(pidFile), first)
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=2000).start()
+        self.addCleanup(load.stop)
         slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
         waitForLine(logFile, r"sleeping 2")
         os.kill(readPid(pidFile), signal.SIGHUP)
@@ -371,7 +386,16 @@ class TwistdDaemonTests(TestCase):
         self.assertTrue(waitUntil(lambda: not isAlive(second), 30))
         self.assertEqual(readPid(pidFile), third)
         self.assertEqual(get(port), f"hello from pid {third}\n".encode())
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertGreater(result.pids[third], 0, result)
+        # A graceful stop: the slow request in flight across TERM completes.
+        with open(logFile) as f:
+            seen = len(f.read().splitlines())
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=1.5")
+        waitForLine(logFile, r"sleeping 1\.5", after=seen)
         os.kill(readPid(pidFile), signal.SIGTERM)
+        self.assertEqual(slow.join(), (200, f"slept 1.5 from pid {third}\n".encode()))
         self.assertTrue(waitUntil(lambda: not isAlive(third), 30))
         self.assertFalse(os.path.exists(pidFile))
         self.assertTrue(refused(port))
@@ -385,6 +409,46 @@ class TwistdDaemonTests(TestCase):
         self.assertEqual(len(re.findall(r"Drained \d+ connections", log)), 3)
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Another twistd server", log)
+
+
+    def test_daemonSuccessorErrorInLog(self) -> None:
+        """
+        A daemon's successor that fails while twistd loads the C{.tac}
+        (before its logging starts) writes its error to the daemon's
+        C{--logfile}, not to the daemon's C{/dev/null}; the old pid goes on
+        serving and P still names it.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(BROKEN_ON_MARKER_TAC.format(endpoint=LOCAL))
+        pidFile = os.path.join(directory, "app.pid")
+        logFile = os.path.join(directory, "app.log")
+        launched = subprocess.run(
+            [TWISTD, "--pidfile", pidFile, "--logfile", logFile, "-y", "app.tac"],
+            cwd=directory, timeout=60, capture_output=True, text=True,
+        )
+        self.assertEqual(launched.returncode, 0, launched.stderr)
+        match = waitForLine(logFile, SERVING.format(1))
+        port, first = int(match.group(1)), int(match.group(2))
+
+        def cleanup() -> None:
+            if isAlive(first):
+                os.kill(first, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+        open(os.path.join(directory, "broken"), "w").close()
+        os.kill(readPid(pidFile), signal.SIGHUP)
+        waitForLine(logFile, r"RuntimeError: this build is broken \(marker file\)")
+        waitForLine(
+            logFile,
+            rf"Restart failed, pid {first} goes on serving: successor pid \d+ "
+            r"exited with status 1 before it was ready",
+        )
+        self.assertEqual(get(port), f"hello from pid {first}\n".encode())
+        self.assertEqual(readPid(pidFile), first)
+        os.kill(first, signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(first), 30))
+        self.assertFalse(os.path.exists(pidFile))
 
 
 class PlainScriptTests(ProgramTestsMixin, TestCase):
