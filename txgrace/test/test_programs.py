@@ -35,6 +35,18 @@ application = service.Application("txgrace-test")
 strports.service({endpoint!r}, site).setServiceParent(application)
 """
 
+TWO_SERVICES_TAC = """\
+from twisted.application import service, strports
+from txgrace import GraceService
+from txgrace.test._apps import site
+
+application = service.Application("txgrace-test")
+strports.service({endpoint!r}, site).setServiceParent(application)
+grace = GraceService()
+grace.listen({serviceEndpoint!r}, site)
+grace.setServiceParent(application)
+"""
+
 BROKEN_ON_MARKER_TAC = """\
 import os
 from twisted.application import service, strports
@@ -559,8 +571,7 @@ class KleinTests(ProgramTestsMixin, TestCase):
 
 def _unprivilegedUser() -> tuple[int, int]:
     """
-    A user that can run this interpreter and import txgrace and Twisted, for
-    the privilege tests.
+    The user C{nobody}, for the privilege tests.
 
     @raise SkipTest: If not root, or no such user.
     """
@@ -572,59 +583,143 @@ def _unprivilegedUser() -> tuple[int, int]:
         user = pwd.getpwnam("nobody")
     except KeyError:
         raise SkipTest("no user 'nobody'")
+    return user.pw_uid, user.pw_gid
+
+
+def _cannotRun(python: str, uid: int, gid: int, env: dict[str, str]) -> str | None:
+    """
+    Why user C{uid} (group C{gid}, no other group, as twistd's C{--uid} and
+    C{--gid} leave it) cannot run C{python} and import Twisted and txgrace,
+    or L{None} if it can.
+    """
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", "import twisted, txgrace"],
-            user=user.pw_uid, group=user.pw_gid, capture_output=True, text=True,
-            cwd="/", timeout=60,
+            [python, "-c", "import twisted, txgrace"],
+            user=uid, group=gid, extra_groups=[], env=env, capture_output=True,
+            text=True, cwd="/", timeout=60,
         )
     except OSError as e:
-        raise SkipTest(f"user 'nobody' cannot run {sys.executable}: {e.strerror}")
+        return f"cannot run {python}: {e.strerror}"
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        raise SkipTest(f"user 'nobody' cannot run {sys.executable} with txgrace: {last}")
-    return user.pw_uid, user.pw_gid
+        return f"cannot run {python} with txgrace: {last}"
+    return None
+
+
+def _interpreterFor(test: TestCase, uid: int, gid: int) -> tuple[str, dict[str, str]]:
+    """
+    A Python that user C{uid} can run with this environment's packages, and
+    the environment to run it in.
+
+    That is this interpreter when it can.  Otherwise (a pyenv interpreter
+    under C{/root}, mode 0700, cannot be run by anyone else) a private copy
+    of this interpreter, its shared library and its standard library in a
+    temporary directory, whose site-packages adds this environment's (and
+    runs its C{.pth} files, so an editable install works).  Nothing outside
+    that directory is touched.
+
+    @raise SkipTest: If neither works, saying why.
+    """
+    environment = dict(os.environ)
+    why = _cannotRun(sys.executable, uid, gid, environment)
+    if why is None:
+        return sys.executable, environment
+    import shutil
+    import sysconfig
+    import tempfile
+
+    version = sysconfig.get_config_var("VERSION")
+    root = tempfile.mkdtemp(prefix="txgrace-python-")
+    test.addCleanup(shutil.rmtree, root, True)
+    os.chmod(root, 0o755)
+    library = os.path.join(root, "lib")
+    shutil.copytree(
+        sysconfig.get_path("stdlib"),
+        os.path.join(library, f"python{version}"),
+        ignore=shutil.ignore_patterns(
+            "site-packages", "test", "idlelib", "tkinter", "turtledemo",
+            "ensurepip", "config-*",
+        ),
+    )
+    sitePackages = os.path.join(library, f"python{version}", "site-packages")
+    os.mkdir(sitePackages)
+    with open(os.path.join(sitePackages, "_txgrace_test_environment.pth"), "w") as pth:
+        for directory in dict.fromkeys(
+            [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        ):
+            pth.write(f"import site; site.addsitedir({directory!r})\n")
+    os.mkdir(os.path.join(root, "bin"))
+    python = os.path.join(root, "bin", f"python{version}")
+    shutil.copy2(os.path.join(sys.base_exec_prefix, "bin", f"python{version}"), python)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        name = sysconfig.get_config_var("INSTSONAME")
+        shutil.copy2(os.path.join(sysconfig.get_config_var("LIBDIR"), name), library)
+        environment["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [library, environment.get("LD_LIBRARY_PATH")])
+        )
+    copyWhy = _cannotRun(python, uid, gid, environment)
+    if copyWhy is not None:
+        raise SkipTest(f"user {uid} {why}, and {copyWhy}")
+    return python, environment
 
 
 class PrivilegedTests(TestCase):
     def test_twistdUid(self) -> None:
         """
-        C{twistd --uid nobody} on a port below 1024: the port is bound before
-        privileges drop, and the successor, running as nobody, inherits it.
+        C{twistd --uid nobody} with ports below 1024, one from C{strports}
+        and one from a L{txgrace.GraceService}: both are bound before
+        privileges drop, and the successor, running as nobody with no
+        capability at all, inherits them and serves.
         """
         uid, gid = _unprivilegedUser()
+        python, environment = _interpreterFor(self, uid, gid)
         directory = shortTemporaryDirectory(self)
         os.chmod(directory, 0o777)
-        port = _freeLowPort()
+        port, servicePort = _freeLowPorts(2)
         with open(os.path.join(directory, "app.tac"), "w") as f:
-            f.write(TAC.format(endpoint=f"grace:tcp:{port}:interface=127.0.0.1"))
+            f.write(TWO_SERVICES_TAC.format(
+                endpoint=f"grace:tcp:{port}:interface=127.0.0.1",
+                serviceEndpoint=f"grace:tcp:{servicePort}:interface=127.0.0.1",
+            ))
         server = ServerProcess(
             [],
-            command=[TWISTD, "-n", "--uid", str(uid), "--gid", str(gid), "--pidfile=",
-                     "--logger", "txgrace.test._apps.jsonStdoutObserver", "-y", "app.tac"],
+            command=[python, TWISTD, "-n", "--uid", str(uid), "--gid", str(gid),
+                     "--pidfile=", "--logger", "txgrace.test._apps.jsonStdoutObserver",
+                     "-y", "app.tac"],
             cwd=directory,
+            env=environment,
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1)
-        self.assertEqual(first.port(0), port)
+        self.assertEqual(sorted([first.port(0), first.port(1)]), sorted([port, servicePort]))
         os.kill(first.pid, signal.SIGHUP)
         second = server.waitServing(2)
         self.assertEqual(get(port), f"hello from pid {second.pid}\n".encode())
+        self.assertEqual(get(servicePort), f"hello from pid {second.pid}\n".encode())
         with open(f"/proc/{second.pid}/status") as f:
-            self.assertIn(f"Uid:\t{uid}\t", f.read())
+            status = f.read()
+        self.assertIn(f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n", status)
+        self.assertIn("CapEff:\t0000000000000000\n", status)
+        self.assertEqual(server.process.wait(30), 0)
         os.kill(second.pid, signal.SIGTERM)
         self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
 
 
-def _freeLowPort() -> int:
+def _freeLowPorts(count: int) -> list[int]:
+    """
+    C{count} ports below 1024 that are free on 127.0.0.1 now.
+    """
+    found = []
     for port in range(900, 1000):
         with socket.socket() as skt:
             try:
                 skt.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise SkipTest("no free port below 1024")
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise SkipTest(f"no {count} free ports below 1024")
 
 
 class SymlinkDeployTests(TestCase):
