@@ -525,11 +525,17 @@ class ProcessLifecycle:
     def stop(self) -> None:
         """
         Stop: after C{shutdownDelay} seconds of serving on, stop the reactor,
-        which drains.
+        which drains.  A successor still starting is killed at once (it
+        never gets C{GO}), and no restart is started from now on.
         """
         self.stopBegun = True
         if self.workers is not None:
             self.workers.lameDuck()
+        if self._successor is not None:
+            # A stop wins over a restart in progress, shutdown delay or not:
+            # the successor is killed before it gets GO, so it accepts
+            # nothing, and this process stops as asked.
+            self._successor.kill("was killed: the server is stopping")
         delay = self.settings.shutdownDelay
         if delay > 0 and self.state in (STARTING, SERVING, RESTARTING):
             log.info(
@@ -856,7 +862,8 @@ class ProcessLifecycle:
             HANDED_OVER: "this process has handed over and is draining",
             STOPPING: "this process is stopping",
         }.get(self.state)
-        if refusal is None and self._stopping:
+        if refusal is None and (self._stopping or self.stopBegun):
+            # A stop was asked for (its shutdown delay may still run).
             refusal = "this process is stopping"
         if refusal is not None:
             log.warn("Restart refused: {why}", why=refusal)

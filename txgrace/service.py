@@ -20,7 +20,7 @@ from txgrace._twisted import raiseListenFailuresSynchronously
 from txgrace.adopt import SocketRegistry, registry as processRegistry
 from txgrace.drain import DrainResult
 from txgrace.lifecycle import RestartRefused, describePort, lifecycleFor
-from txgrace.settings import DEFAULT_RESTART_SIGNALS
+from txgrace.settings import DEFAULT_RESTART_SIGNALS, SettingError
 
 __all__ = [
     "DEFAULT_RESTART_SIGNALS",
@@ -130,16 +130,30 @@ class GraceService(MultiService):
     def privilegedStartService(self) -> None:
         """
         Take charge of the process, then listen (before privileges drop).
+
+        @raise SystemExit: With one line, if a C{TXGRACE_*} variable has a
+            bad value.
         """
-        self.lifecycle.install()
+        self._install()
         MultiService.privilegedStartService(self)
 
     def startService(self) -> None:
         """
         Take charge of the process, then start every child.
+
+        @raise SystemExit: With one line, if a C{TXGRACE_*} variable has a
+            bad value.
         """
-        self.lifecycle.install()
+        self._install()
         MultiService.startService(self)
+
+    def _install(self) -> None:
+        # A bad TXGRACE_* value ends the start with one line, as a bare
+        # grace: port's listen does (see txgrace.endpoints).
+        try:
+            self.lifecycle.install()
+        except SettingError as e:
+            raise SystemExit(f"txgrace: error: {e}") from None
 
     def restart(self) -> Deferred[int]:
         """

@@ -464,6 +464,11 @@ class _CommandLineService(GraceService):
     def startService(self) -> None:
         _startOrExit(lambda: GraceService.startService(self))
 
+    def _install(self) -> None:
+        # A bad TXGRACE_* value (a SettingError, a ValueError) gets twist
+        # txgrace's one line from _startOrExit.
+        self.lifecycle.install()
+
 
 class _CommandLineMaster(MasterService):
     """

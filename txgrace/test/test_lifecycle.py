@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
+import weakref
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+import txgrace
 from txgrace import lifecycle as lifecycleModule
 from txgrace.adopt import SocketRegistry
 from txgrace.drain import DrainResult
@@ -26,9 +29,11 @@ from txgrace.lifecycle import (
     STOPPING,
     ProcessLifecycle,
     RestartRefused,
+    lifecycleFor,
 )
 from txgrace.pidfile import readRestartStatus
-from txgrace.restart import ControlChannel, Successor, SuccessorFailed
+from txgrace.service import GraceService
+from txgrace.restart import GO_TIMEOUT, ControlChannel, Successor, SuccessorFailed
 from txgrace.settings import SettingError, resolve
 from txgrace.test.test_process import shortTemporaryDirectory as temporaryDirectory
 
@@ -175,6 +180,34 @@ class LifecycleTestCase(SynchronousTestCase):
     def readPidFile(self) -> int:
         with open(self.pidFile) as f:
             return int(f.read())
+
+    def servingWithSuccessors(self, **settings: Any) -> ProcessLifecycle:
+        """
+        A serving lifecycle that spawns real L{Successor}s (on the memory
+        reactor, whose processes do nothing).
+        """
+        lifecycle = ProcessLifecycle(
+            self.reactor, self.registry, environ={}, host=lambda: None
+        )
+        lifecycle.installSignalHandlers = False
+        lifecycle.configure(pidFile=self.pidFile, **settings)
+        lifecycle.install()
+        self.reactor.run()
+        self.assertEqual(lifecycle.state, SERVING)
+        self.notified.clear()
+        return lifecycle
+
+    def successorControl(self) -> tuple[Any, StringTransport]:
+        """
+        Connect this process's end of the last successor's control channel
+        to a L{StringTransport}: the protocol is fed what the successor
+        says, and the transport holds what this process says to it.
+        """
+        _, _, factory = self.reactor.adoptedStreamConnections[-1]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
 
 
 class FakeDrain:
@@ -476,21 +509,79 @@ class StopTests(LifecycleTestCase):
 
     def test_stopWhileRestarting(self) -> None:
         """
-        A stop while a successor starts kills it (it never got GO, so it
-        took no connection), and READY=1 never follows STOPPING=1.
+        A stop while a successor starts kills it, and it never gets GO: a
+        READY it sends afterwards is not answered, so it accepts nothing.
+        This process makes the final stop (it takes the queued connections)
+        and tells systemd READY=1 (the restart failed) before STOPPING=1,
+        never after.
+        """
+        lifecycle = self.servingWithSuccessors()
+        result = lifecycle.restart()
+        control, transport = self.successorControl()
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(self.reactor.signalled, ["KILL"])
+        failure = self.failureResultOf(result, SuccessorFailed)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "successor pid 5150 was killed: the server is stopping",
+        )
+        control.dataReceived(b"READY\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertEqual(self.readPidFile(), os.getpid())
+        self.assertEqual((self.port.backlogAccepted, self.port.stopped), (1, 1))
+        self.assertEqual(
+            [n[0] for n in self.notified], ["RELOADING=1", "READY=1", "STOPPING=1"]
+        )
+        self.drains[0][0].finish()
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(self.pidFile))
+
+    def test_noReadyAfterStopping(self) -> None:
+        """
+        Once STOPPING=1 is sent, a READY=1 that anything asks for is
+        dropped (systemd would take the stopping unit for ready again).
         """
         lifecycle = self.serving()
-        result = lifecycle.restart()
         shutDown(self.reactor)
-        successor = FakeSuccessor.made[0]
-        self.assertEqual(successor.killed, "was killed: the server is stopping")
-        self.failureResultOf(result, SuccessorFailed)
-        self.assertEqual(lifecycle.state, STOPPING)
-        stopping = self.notified.index(("STOPPING=1",))
+        self.assertEqual(self.notified, [("STOPPING=1",)])
+        lifecycle._notify("READY=1", "STATUS=late")
+        lifecycle._notify("STATUS=still stopping")
         self.assertEqual(
-            [n for n in self.notified[stopping:] if "READY=1" in n], []
+            self.notified, [("STOPPING=1",), ("STATUS=still stopping",)]
         )
-        self.assertEqual(self.port.backlogAccepted, 1)
+
+    def test_goAfterReady(self) -> None:
+        """
+        Without a stop, a successor's READY is answered with GO once this
+        process has handed over (the counterpart of the tests above: the
+        transport does carry GO when there is one).
+        """
+        lifecycle = self.servingWithSuccessors()
+        result = lifecycle.restart()
+        control, transport = self.successorControl()
+        control.dataReceived(b"READY\n")
+        self.assertEqual(self.successResultOf(result), 5150)
+        self.assertEqual(lifecycle.state, HANDED_OVER)
+        self.assertEqual(transport.value(), b"GO\n")
+
+    def test_restartRefusedWhileStopping(self) -> None:
+        """
+        A restart is refused once a stop was asked for: after the stop
+        signal, before the reactor's shutdown began, and while stopping.
+        """
+        lifecycle = self.serving()
+        lifecycle._onStopSignal(signal.SIGTERM)
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertEqual(failure.getErrorMessage(), "this process is stopping")
+        shutDown(self.reactor)
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertEqual(failure.getErrorMessage(), "this process is stopping")
+        self.assertEqual(FakeSuccessor.made, [])
+        self.assertEqual(lifecycle.state, STOPPING)
+        status = readRestartStatus(self.pidFile)
+        assert status is not None
+        self.assertEqual(status["outcome"], "refused")
 
     def test_hammerExitStatus(self) -> None:
         """
@@ -614,6 +705,93 @@ class SignalTests(LifecycleTestCase):
         self.assertEqual(self.drains[0][0].hammered, 1)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_shutdownDelayServesOn(self) -> None:
+        """
+        During the shutdown delay the process is lame: a health check fails
+        (C{stopBegun}) but it still accepts, nothing drains and systemd has
+        heard nothing; once the delay is over the reactor stops and the
+        final stop drains.
+        """
+        lifecycle = self.serving(shutdownDelay=5)
+        draining = lifecycle.whenDraining()
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertTrue(lifecycle.stopBegun)
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.reactor.advance(4.9)
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertNoResult(draining)
+        self.assertEqual((self.drains, self.notified), ([], []))
+        self.reactor.advance(0.2)
+        self.assertTrue(self.reactor.hasStopped)
+        shutDown(self.reactor)
+        self.successResultOf(draining)
+        self.assertEqual(self.notified, [("STOPPING=1",)])
+        self.assertEqual(self.port.backlogAccepted, 1)
+
+    def test_reactorStopDuringShutdownDelay(self) -> None:
+        """
+        A C{reactor.stop()} from application code during the shutdown delay
+        drains at once; the delayed stop is cancelled.
+        """
+        lifecycle = self.serving(shutdownDelay=5)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(len(self.drains), 1)
+        self.drains[0][0].finish()
+        self.successResultOf(stopped)
+
+    def test_restartRefusedDuringShutdownDelay(self) -> None:
+        """
+        A restart signal during the shutdown delay starts no successor: the
+        process stops as asked when the delay is over.
+        """
+        lifecycle = self.serving(shutdownDelay=5)
+        lifecycle._onStopSignal(signal.SIGTERM)
+        lifecycle._onRestartSignal(signal.SIGHUP)
+        failure = self.failureResultOf(lifecycle.restart(), RestartRefused)
+        self.assertEqual(failure.getErrorMessage(), "this process is stopping")
+        self.assertEqual(FakeSuccessor.made, [])
+        self.assertEqual(lifecycle.state, SERVING)
+        self.reactor.advance(5)
+        self.assertTrue(self.reactor.hasStopped)
+        shutDown(self.reactor)
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertEqual(self.notified[-1], ("STOPPING=1",))
+
+    def test_stopWhileRestartingWithShutdownDelay(self) -> None:
+        """
+        With a shutdown delay, a stop while a successor starts kills it at
+        once: it never gets GO (its READY is not answered), this process
+        serves on through the delay and then makes the final stop, instead
+        of handing over.
+        """
+        lifecycle = self.servingWithSuccessors(shutdownDelay=5)
+        result = lifecycle.restart()
+        control, transport = self.successorControl()
+        lifecycle._onStopSignal(signal.SIGTERM)
+        self.assertEqual(self.reactor.signalled, ["KILL"])
+        self.failureResultOf(result, SuccessorFailed)
+        control.dataReceived(b"READY\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(lifecycle.stopBegun)
+        self.assertTrue(self.registry.accepting)
+        self.assertFalse(self.registry.handingOver)
+        self.reactor.advance(4.9)
+        self.assertFalse(self.reactor.hasStopped)
+        self.reactor.advance(0.2)
+        self.assertTrue(self.reactor.hasStopped)
+        [stopped] = shutDown(self.reactor)
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertEqual(self.port.backlogAccepted, 1)
+        self.assertEqual(self.notified[-1], ("STOPPING=1",))
+        self.assertEqual(self.readPidFile(), os.getpid())
+        self.drains[0][0].finish()
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(self.pidFile))
+
     def test_handedOverSurvivesFirstSignal(self) -> None:
         """
         A process draining after its handover goes on draining after the
@@ -628,6 +806,102 @@ class SignalTests(LifecycleTestCase):
         self.assertEqual(drain.hammered, 0)
         lifecycle._onStopSignal(signal.SIGTERM)
         self.assertEqual(drain.hammered, 1)
+
+
+class HandshakeTests(LifecycleTestCase):
+    """
+    A successor's side of the READY / GO handshake: ready, it tells its
+    predecessor and accepts nothing until C{GO} (or its predecessor is gone,
+    or says nothing within L{GO_TIMEOUT}).
+    """
+
+    def successor(self, **settings: Any) -> tuple[ProcessLifecycle, ControlChannel, StringTransport]:
+        """
+        A lifecycle started as a successor (with a control channel on a
+        L{StringTransport}), once its reactor runs.
+        """
+        transport = StringTransport()
+        channels: list[ControlChannel] = []
+
+        def adopt(reactor: Any, fd: int, channel: ControlChannel) -> ControlChannel:
+            channel.makeConnection(transport)
+            channels.append(channel)
+            return channel
+
+        self.patch(lifecycleModule, "takeControlChannel", lambda environ: (99, False))
+        self.patch(lifecycleModule, "adoptControlChannel", adopt)
+        lifecycle = self.makeLifecycle(**settings)
+        lifecycle.install()
+        self.reactor.run()
+        return lifecycle, channels[0], transport
+
+    def test_acceptsOnlyAfterGo(self) -> None:
+        """
+        A ready successor says READY and accepts nothing until GO; then it
+        serves, and leaves systemd's MAINPID and the pidfile to its
+        predecessor (which wrote them before it said GO).
+        """
+        lifecycle, channel, transport = self.successor()
+        self.assertEqual(transport.value(), b"READY\n")
+        self.assertEqual(lifecycle.state, STARTING)
+        self.assertFalse(self.registry.accepting)
+        self.reactor.advance(GO_TIMEOUT - 0.1)
+        self.assertFalse(self.registry.accepting)
+        channel.dataReceived(b"GO\n")
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.assertEqual(self.notified, [])
+        self.assertFalse(os.path.exists(self.pidFile))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_noGoAcceptsAnyway(self) -> None:
+        """
+        A predecessor that does not say GO within L{GO_TIMEOUT} is hung:
+        the successor accepts anyway, says why, and tells systemd and the
+        pidfile itself.
+        """
+        with capturedLogs() as events:
+            lifecycle, channel, transport = self.successor()
+            self.reactor.advance(GO_TIMEOUT - 0.1)
+            self.assertEqual(lifecycle.state, STARTING)
+            self.assertFalse(self.registry.accepting)
+            self.reactor.advance(0.2)
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.assertEqual(self.notified, [("READY=1", f"MAINPID={os.getpid()}")])
+        self.assertEqual(self.readPidFile(), os.getpid())
+        self.assertIn(
+            f"No GO from the predecessor within {GO_TIMEOUT}s; accepting anyway",
+            [formatEvent(e) for e in events],
+        )
+        channel.dataReceived(b"GO\n")  # Too late: nothing changes.
+        self.assertEqual(len(self.notified), 1)
+
+    def test_predecessorGone(self) -> None:
+        """
+        A predecessor that is gone (the channel closes) leaves the successor
+        to serve on its own at once.
+        """
+        lifecycle, channel, transport = self.successor()
+        channel.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+        self.assertEqual(self.notified, [("READY=1", f"MAINPID={os.getpid()}")])
+
+    def test_stopBeforeGo(self) -> None:
+        """
+        A successor stopped before its GO (its predecessor kills it; a
+        C{systemctl stop} signals it too) never accepts, even if GO comes:
+        it leaves the queued connections to the socket's other holder.
+        """
+        lifecycle, channel, transport = self.successor()
+        lifecycle._onStopSignal(signal.SIGTERM)
+        shutDown(self.reactor)
+        channel.dataReceived(b"GO\n")
+        self.assertEqual(lifecycle.state, STOPPING)
+        self.assertFalse(self.registry.accepting)
+        self.assertEqual(self.port.backlogAccepted, 0)
+        self.assertEqual(self.notified, [])
 
 
 class ControlChannelTests(SynchronousTestCase):
@@ -705,3 +979,142 @@ class SettingsTests(SynchronousTestCase):
         with self.assertRaises(SettingError) as raised:
             lifecycle.configure(restartSignals=["INT"])
         self.assertIn("SIGINT cannot restart", str(raised.exception))
+
+
+class ProcessWideTests(SynchronousTestCase):
+    """
+    One lifecycle per process, whoever configures it: L{txgrace.configure},
+    L{GraceService}, C{twist txgrace}'s service and a bare C{grace:} port
+    all reach the same L{ProcessLifecycle}.  These tests put a lifecycle of
+    their own (on a memory reactor, with an environment of their own) in
+    the table, keyed by this process's socket registry, and restore both.
+    """
+
+    def setUp(self) -> None:
+        from txgrace.adopt import registry
+
+        self.registry = registry
+        self.reactor = MemoryReactorClock()
+        self.patch(lifecycleModule, "_lifecycles", weakref.WeakKeyDictionary())
+        self.patch(registry, "accepting", registry.accepting)
+
+    def processLifecycle(self, environ: dict[str, str]) -> ProcessLifecycle:
+        """
+        Make this process's lifecycle, reading C{environ}.
+        """
+        lifecycle = ProcessLifecycle(
+            self.reactor, self.registry, environ=environ, host=lambda: None
+        )
+        lifecycle.installSignalHandlers = False
+        lifecycleModule._lifecycles[self.registry] = lifecycle
+        return lifecycle
+
+    def test_configureOrder(self) -> None:
+        """
+        The public L{txgrace.configure} sets this process's lifecycle: code
+        beats the environment, which beats the defaults; a call after the
+        install applies too.
+        """
+        lifecycle = self.processLifecycle(
+            {"TXGRACE_HAMMER_TIMEOUT": "7", "TXGRACE_READY_TIMEOUT": "8"}
+        )
+        txgrace.configure(hammerTimeout=5)
+        lifecycle.install()
+        settings = lifecycle.settings
+        self.assertEqual(
+            (settings.hammerTimeout, settings.readyTimeout, settings.shutdownDelay),
+            (5.0, 8.0, 0.0),
+        )
+        self.assertEqual(settings.restartSignals, (signal.SIGHUP, signal.SIGUSR2))
+        txgrace.configure(readyTimeout=2, shutdownDelay=3)
+        self.assertEqual(
+            (lifecycle.settings.readyTimeout, lifecycle.settings.shutdownDelay),
+            (2.0, 3.0),
+        )
+        with self.assertRaises(SettingError) as raised:
+            txgrace.configure(hammerTimeout="soon")
+        self.assertIn("hammerTimeout", str(raised.exception))
+
+    def test_oneLifecycle(self) -> None:
+        """
+        L{GraceService}, C{twist txgrace}'s service, L{txgrace.configure}
+        and a C{grace:} endpoint made by C{serverFromString} use the one
+        lifecycle of the process; L{GraceService}'s settings are the
+        process's.
+        """
+        from twisted.internet.endpoints import serverFromString
+
+        from txgrace.endpoints import GraceServerEndpoint
+        from txgrace.tap import _CommandLineService
+
+        lifecycle = self.processLifecycle({})
+        service = GraceService(hammerTimeout=0.5, reactor=self.reactor)
+        command = _CommandLineService(reactor=self.reactor)
+        txgrace.configure(readyTimeout=9)
+        endpoint = serverFromString(self.reactor, "grace:tcp:0:interface=127.0.0.1")
+        assert isinstance(endpoint, GraceServerEndpoint)
+        self.assertIs(service.lifecycle, lifecycle)
+        self.assertIs(command.lifecycle, lifecycle)
+        self.assertIs(lifecycleFor(endpoint.registry, self.reactor), lifecycle)
+        lifecycle.install()
+        self.assertEqual(
+            (lifecycle.settings.hammerTimeout, lifecycle.settings.readyTimeout),
+            (0.5, 9.0),
+        )
+
+    def test_bindsInPrivilegedStartService(self) -> None:
+        """
+        L{GraceService}'s ports listen in C{privilegedStartService}, which
+        twistd calls before C{--uid}/C{--gid} drop privileges (so a port
+        below 1024 can be had); C{startService} listens on nothing more.  A
+        listen that fails at once fails the privileged start.
+        """
+        from twisted.application.service import Application, IService
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import StringTransport
+        from zope.interface import implementer
+        from twisted.internet.interfaces import IStreamServerEndpoint
+
+        @implementer(IStreamServerEndpoint)
+        class RecordingEndpoint:
+            def __init__(self, fails: bool = False) -> None:
+                self.listened = 0
+                self.fails = fails
+
+            def listen(self, factory: Any) -> Deferred[Any]:
+                self.listened += 1
+                if self.fails:
+                    return fail(CannotListenError("127.0.0.1", 80, OSError("denied")))
+                return succeed(StringTransport())
+
+        lifecycle = self.processLifecycle({})
+        endpoint = RecordingEndpoint()
+        application = Application("privileged")
+        service = GraceService(reactor=self.reactor)
+        service.listen(endpoint, Factory())
+        service.setServiceParent(application)
+        IService(application).privilegedStartService()  # as twistd does
+        self.assertTrue(lifecycle.installed)
+        self.assertEqual(endpoint.listened, 1)
+        IService(application).startService()
+        self.assertEqual(endpoint.listened, 1)
+
+        failing = GraceService(reactor=self.reactor)
+        failing.listen(RecordingEndpoint(fails=True), Factory())
+        self.assertRaises(CannotListenError, failing.privilegedStartService)
+
+    def test_badEnvironmentIsOneLine(self) -> None:
+        """
+        A bad C{TXGRACE_*} value ends L{GraceService}'s start with one line
+        naming the variable and the value, not a traceback.
+        """
+        self.processLifecycle({"TXGRACE_HAMMER_TIMEOUT": "soon"})
+        service = GraceService(reactor=self.reactor, installSignalHandlers=False)
+        for start in (service.privilegedStartService, service.startService):
+            with self.assertRaises(SystemExit) as raised:
+                start()
+            self.assertEqual(
+                str(raised.exception),
+                "txgrace: error: TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds",
+            )

@@ -43,6 +43,29 @@ application = service.Application("txgrace-test")
 strports.service({endpoint!r}, site).setServiceParent(application)
 """
 
+TWO_SERVICES_TAC = """\
+from twisted.application import service, strports
+from txgrace import GraceService
+from txgrace.test._apps import site
+
+application = service.Application("txgrace-test")
+strports.service({endpoint!r}, site).setServiceParent(application)
+grace = GraceService()
+grace.listen({serviceEndpoint!r}, site)
+grace.setServiceParent(application)
+"""
+
+BROKEN_ON_MARKER_TAC = """\
+import os
+from twisted.application import service, strports
+from txgrace.test._apps import site
+
+if os.path.exists("broken"):
+    raise RuntimeError("this build is broken (marker file)")
+application = service.Application("txgrace-test")
+strports.service({endpoint!r}, site).setServiceParent(application)
+"""
+
 SCRIPT = """\
 import sys
 from twisted.internet import reactor
@@ -67,6 +90,32 @@ service = GraceService(hammerTimeout=30)
 service.listen({endpoint!r}, site)
 service.startService()
 reactor.run()
+"""
+
+SHARED_SCRIPT = """\
+import sys
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from txgrace import GraceService
+from txgrace.lifecycle import lifecycleFor
+from txgrace.test._apps import site
+
+globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, "")])
+service = GraceService(hammerTimeout=0.5)  # no port of its own
+service.startService()
+serverFromString(reactor, {endpoint!r}).listen(site)  # a bare grace: port
+Logger().info("one lifecycle: {{same}}", same=service.lifecycle is lifecycleFor())
+reactor.run()
+"""
+
+BARE_PORT_APP = """\
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from txgrace.test._apps import site
+
+# A grace: port of the application's own, next to twist txgrace's.
+serverFromString(reactor, {endpoint!r}).listen(site)
 """
 
 KLEIN = """\
@@ -225,9 +274,14 @@ class TwistWebTests(ProgramTestsMixin, TestCase):
             pids.append(current.pid)
         get(port)
         result = load.stop()
-        self.assertEqual(dict(result.failures), {})
+        self.assertEqual((result.failed, dict(result.failures)), (0, {}))
         self.assertEqual(len(set(pids)), 11)
-        self.assertGreater(result.ok, 0)
+        # Every one of the 11 generations answered some of the load, and
+        # no other pid did.
+        self.assertEqual(sorted(result.pids), sorted(pids), result)
+        self.assertEqual(sum(result.pids.values()), result.ok)
+        for pid in pids:
+            self.assertGreater(result.pids[pid], 0, (pid, result))
 
 
 class TwistdForegroundTests(ProgramTestsMixin, TestCase):
@@ -307,9 +361,11 @@ class TwistdDaemonTests(TestCase):
     def test_daemon(self) -> None:
         """
         C{twistd --pidfile P --logfile L -y app.tac}: C{kill -HUP $(cat P)}
-        restarts, again and again; the successor does not daemonize again
-        (its pid is the one that serves and that P names); every
-        generation's lines are in L; TERM drains and removes P.
+        restarts, again and again, with no failed request under load and a
+        slow request answered by the old pid; the successor does not
+        daemonize again (its pid is the one that serves and that P names);
+        every generation's lines are in L; TERM drains (a slow request in
+        flight completes) and removes P.
         """
         directory = shortTemporaryDirectory(self)
         with open(os.path.join(directory, "app.tac"), "w") as f:
@@ -333,6 +389,8 @@ class TwistdDaemonTests(TestCase):
         port, first = int(match.group(1)), int(match.group(2))
         pids.append(first)
         self.assertEqual(readPid(pidFile), first)
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=2000).start()
+        self.addCleanup(load.stop)
         slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
         waitForLine(logFile, r"sleeping 2")
         os.kill(readPid(pidFile), signal.SIGHUP)
@@ -348,7 +406,16 @@ class TwistdDaemonTests(TestCase):
         self.assertTrue(waitUntil(lambda: not isAlive(second), 30))
         self.assertEqual(readPid(pidFile), third)
         self.assertEqual(get(port), f"hello from pid {third}\n".encode())
+        result = load.stop()
+        self.assertEqual(dict(result.failures), {})
+        self.assertGreater(result.pids[third], 0, result)
+        # A graceful stop: the slow request in flight across TERM completes.
+        with open(logFile) as f:
+            seen = len(f.read().splitlines())
+        slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=1.5")
+        waitForLine(logFile, r"sleeping 1\.5", after=seen)
         os.kill(readPid(pidFile), signal.SIGTERM)
+        self.assertEqual(slow.join(), (200, f"slept 1.5 from pid {third}\n".encode()))
         self.assertTrue(waitUntil(lambda: not isAlive(third), 30))
         self.assertFalse(os.path.exists(pidFile))
         self.assertTrue(refused(port))
@@ -362,6 +429,46 @@ class TwistdDaemonTests(TestCase):
         self.assertEqual(len(re.findall(r"Drained \d+ connections", log)), 3)
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Another twistd server", log)
+
+
+    def test_daemonSuccessorErrorInLog(self) -> None:
+        """
+        A daemon's successor that fails while twistd loads the C{.tac}
+        (before its logging starts) writes its error to the daemon's
+        C{--logfile}, not to the daemon's C{/dev/null}; the old pid goes on
+        serving and P still names it.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(BROKEN_ON_MARKER_TAC.format(endpoint=LOCAL))
+        pidFile = os.path.join(directory, "app.pid")
+        logFile = os.path.join(directory, "app.log")
+        launched = subprocess.run(
+            [TWISTD, "--pidfile", pidFile, "--logfile", logFile, "-y", "app.tac"],
+            cwd=directory, timeout=60, capture_output=True, text=True,
+        )
+        self.assertEqual(launched.returncode, 0, launched.stderr)
+        match = waitForLine(logFile, SERVING.format(1))
+        port, first = int(match.group(1)), int(match.group(2))
+
+        def cleanup() -> None:
+            if isAlive(first):
+                os.kill(first, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+        open(os.path.join(directory, "broken"), "w").close()
+        os.kill(readPid(pidFile), signal.SIGHUP)
+        waitForLine(logFile, r"RuntimeError: this build is broken \(marker file\)")
+        waitForLine(
+            logFile,
+            rf"Restart failed, pid {first} goes on serving: successor pid \d+ "
+            r"exited with status 1 before it was ready",
+        )
+        self.assertEqual(get(port), f"hello from pid {first}\n".encode())
+        self.assertEqual(readPid(pidFile), first)
+        os.kill(first, signal.SIGTERM)
+        self.assertTrue(waitUntil(lambda: not isAlive(first), 30))
+        self.assertFalse(os.path.exists(pidFile))
 
 
 class PlainScriptTests(ProgramTestsMixin, TestCase):
@@ -389,6 +496,71 @@ class PlainScriptTests(ProgramTestsMixin, TestCase):
         self.story(server)
 
 
+class SharedLifecycleTests(TestCase):
+    """
+    One lifecycle per process: the settings given to L{txgrace.GraceService}
+    or to C{twist txgrace} govern the drain of a bare C{grace:} port in the
+    same process.
+    """
+
+    def hammeredAfterHalfASecond(self, server: ServerProcess, ports: list[int]) -> None:
+        """
+        A request that never ends on each of C{ports}; SIGTERM aborts all of
+        them after the half-second hammer timeout (the default is 60 s).
+        """
+        forever = []
+        for port in ports:
+            since = server.eventCount()
+            forever.append(_Background(slowRequest, "127.0.0.1", port, "/forever"))
+            server.waitForMessage("forever begins", since=since)
+        since = server.eventCount()
+        began = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        server.waitForMessage(
+            rf"Hammer: aborted {len(ports)} connections", since=since, timeout=15
+        )
+        self.assertLess(time.monotonic() - began, 15)
+        for request in forever:
+            assertAborted(self, request)
+        self.assertTrue(waitUntil(lambda: not isAlive(server.pid), 30))
+
+    def test_graceServiceSettingsReachBarePort(self) -> None:
+        """
+        A script with a L{txgrace.GraceService}C{(hammerTimeout=0.5)} that
+        listens on a bare C{serverFromString(reactor, "grace:...")} port:
+        both use the process's one lifecycle, and the bare port's drain is
+        hammered after 0.5 s.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "serve.py"), "w") as f:
+            f.write(SHARED_SCRIPT.format(endpoint=LOCAL))
+        server = ServerProcess(
+            [], command=[sys.executable, "serve.py"], cwd=directory, env=dict(os.environ)
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        server.waitForMessage(r"one lifecycle: True")
+        self.hammeredAfterHalfASecond(server, [first.port(0)])
+
+    def test_twistTxgraceSettingsReachBarePort(self) -> None:
+        """
+        C{twist txgrace --hammer-timeout 0.5} with an app that opens a bare
+        C{grace:} port of its own: the one lifecycle serves and drains both
+        ports with twist txgrace's settings.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "bareportapp.py"), "w") as f:
+            f.write(BARE_PORT_APP.format(endpoint=LOCAL))
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "bareportapp.site", "--hammer-timeout", "0.5"],
+            cwd=directory,
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertEqual(len(first.addresses), 2)
+        self.hammeredAfterHalfASecond(server, [first.port(0), first.port(1)])
+
+
 class KleinTests(ProgramTestsMixin, TestCase):
     def test_kleinRun(self) -> None:
         """
@@ -407,8 +579,7 @@ class KleinTests(ProgramTestsMixin, TestCase):
 
 def _unprivilegedUser() -> tuple[int, int]:
     """
-    A user that can run this interpreter and import txgrace and Twisted, for
-    the privilege tests.
+    The user C{nobody}, for the privilege tests.
 
     @raise SkipTest: If not root, or no such user.
     """
@@ -420,59 +591,143 @@ def _unprivilegedUser() -> tuple[int, int]:
         user = pwd.getpwnam("nobody")
     except KeyError:
         raise SkipTest("no user 'nobody'")
+    return user.pw_uid, user.pw_gid
+
+
+def _cannotRun(python: str, uid: int, gid: int, env: dict[str, str]) -> str | None:
+    """
+    Why user C{uid} (group C{gid}, no other group, as twistd's C{--uid} and
+    C{--gid} leave it) cannot run C{python} and import Twisted and txgrace,
+    or L{None} if it can.
+    """
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", "import twisted, txgrace"],
-            user=user.pw_uid, group=user.pw_gid, capture_output=True, text=True,
-            cwd="/", timeout=60,
+            [python, "-c", "import twisted, txgrace"],
+            user=uid, group=gid, extra_groups=[], env=env, capture_output=True,
+            text=True, cwd="/", timeout=60,
         )
     except OSError as e:
-        raise SkipTest(f"user 'nobody' cannot run {sys.executable}: {e.strerror}")
+        return f"cannot run {python}: {e.strerror}"
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        raise SkipTest(f"user 'nobody' cannot run {sys.executable} with txgrace: {last}")
-    return user.pw_uid, user.pw_gid
+        return f"cannot run {python} with txgrace: {last}"
+    return None
+
+
+def _interpreterFor(test: TestCase, uid: int, gid: int) -> tuple[str, dict[str, str]]:
+    """
+    A Python that user C{uid} can run with this environment's packages, and
+    the environment to run it in.
+
+    That is this interpreter when it can.  Otherwise (a pyenv interpreter
+    under C{/root}, mode 0700, cannot be run by anyone else) a private copy
+    of this interpreter, its shared library and its standard library in a
+    temporary directory, whose site-packages adds this environment's (and
+    runs its C{.pth} files, so an editable install works).  Nothing outside
+    that directory is touched.
+
+    @raise SkipTest: If neither works, saying why.
+    """
+    environment = dict(os.environ)
+    why = _cannotRun(sys.executable, uid, gid, environment)
+    if why is None:
+        return sys.executable, environment
+    import shutil
+    import sysconfig
+    import tempfile
+
+    version = sysconfig.get_config_var("VERSION")
+    root = tempfile.mkdtemp(prefix="txgrace-python-")
+    test.addCleanup(shutil.rmtree, root, True)
+    os.chmod(root, 0o755)
+    library = os.path.join(root, "lib")
+    shutil.copytree(
+        sysconfig.get_path("stdlib"),
+        os.path.join(library, f"python{version}"),
+        ignore=shutil.ignore_patterns(
+            "site-packages", "test", "idlelib", "tkinter", "turtledemo",
+            "ensurepip", "config-*",
+        ),
+    )
+    sitePackages = os.path.join(library, f"python{version}", "site-packages")
+    os.mkdir(sitePackages)
+    with open(os.path.join(sitePackages, "_txgrace_test_environment.pth"), "w") as pth:
+        for directory in dict.fromkeys(
+            [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        ):
+            pth.write(f"import site; site.addsitedir({directory!r})\n")
+    os.mkdir(os.path.join(root, "bin"))
+    python = os.path.join(root, "bin", f"python{version}")
+    shutil.copy2(os.path.join(sys.base_exec_prefix, "bin", f"python{version}"), python)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        name = sysconfig.get_config_var("INSTSONAME")
+        shutil.copy2(os.path.join(sysconfig.get_config_var("LIBDIR"), name), library)
+        environment["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [library, environment.get("LD_LIBRARY_PATH")])
+        )
+    copyWhy = _cannotRun(python, uid, gid, environment)
+    if copyWhy is not None:
+        raise SkipTest(f"user {uid} {why}, and {copyWhy}")
+    return python, environment
 
 
 class PrivilegedTests(TestCase):
     def test_twistdUid(self) -> None:
         """
-        C{twistd --uid nobody} on a port below 1024: the port is bound before
-        privileges drop, and the successor, running as nobody, inherits it.
+        C{twistd --uid nobody} with ports below 1024, one from C{strports}
+        and one from a L{txgrace.GraceService}: both are bound before
+        privileges drop, and the successor, running as nobody with no
+        capability at all, inherits them and serves.
         """
         uid, gid = _unprivilegedUser()
+        python, environment = _interpreterFor(self, uid, gid)
         directory = shortTemporaryDirectory(self)
         os.chmod(directory, 0o777)
-        port = _freeLowPort()
+        port, servicePort = _freeLowPorts(2)
         with open(os.path.join(directory, "app.tac"), "w") as f:
-            f.write(TAC.format(endpoint=f"grace:tcp:{port}:interface=127.0.0.1"))
+            f.write(TWO_SERVICES_TAC.format(
+                endpoint=f"grace:tcp:{port}:interface=127.0.0.1",
+                serviceEndpoint=f"grace:tcp:{servicePort}:interface=127.0.0.1",
+            ))
         server = ServerProcess(
             [],
-            command=[TWISTD, "-n", "--uid", str(uid), "--gid", str(gid), "--pidfile=",
-                     "--logger", "txgrace.test._apps.jsonStdoutObserver", "-y", "app.tac"],
+            command=[python, TWISTD, "-n", "--uid", str(uid), "--gid", str(gid),
+                     "--pidfile=", "--logger", "txgrace.test._apps.jsonStdoutObserver",
+                     "-y", "app.tac"],
             cwd=directory,
+            env=environment,
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1)
-        self.assertEqual(first.port(0), port)
+        self.assertEqual(sorted([first.port(0), first.port(1)]), sorted([port, servicePort]))
         os.kill(first.pid, signal.SIGHUP)
         second = server.waitServing(2)
         self.assertEqual(get(port), f"hello from pid {second.pid}\n".encode())
+        self.assertEqual(get(servicePort), f"hello from pid {second.pid}\n".encode())
         with open(f"/proc/{second.pid}/status") as f:
-            self.assertIn(f"Uid:\t{uid}\t", f.read())
+            status = f.read()
+        self.assertIn(f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n", status)
+        self.assertIn("CapEff:\t0000000000000000\n", status)
+        self.assertEqual(server.process.wait(30), 0)
         os.kill(second.pid, signal.SIGTERM)
         self.assertTrue(waitUntil(lambda: not isAlive(second.pid), 30))
 
 
-def _freeLowPort() -> int:
+def _freeLowPorts(count: int) -> list[int]:
+    """
+    C{count} ports below 1024 that are free on 127.0.0.1 now.
+    """
+    found = []
     for port in range(900, 1000):
         with socket.socket() as skt:
             try:
                 skt.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise SkipTest("no free port below 1024")
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise SkipTest(f"no {count} free ports below 1024")
 
 
 class SymlinkDeployTests(TestCase):

@@ -122,6 +122,55 @@ class CommandLineTests(TestCase):
             result, "txgrace: error: TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds"
         )
 
+    def test_badEnvironmentWithGraceService(self) -> None:
+        """
+        A bad C{TXGRACE_*} value ends a L{txgrace.GraceService}'s start with
+        one line naming it, in a plain script and under C{twistd -n -y}
+        (which logs the line from its stderr), and no traceback.
+        """
+        directory = shortTemporaryDirectory(self)
+        with open(os.path.join(directory, "serve.py"), "w") as f:
+            f.write(textwrap.dedent("""\
+                from twisted.internet import reactor
+                from txgrace import GraceService
+                from txgrace.test._apps import site
+
+                service = GraceService()
+                service.listen("grace:tcp:0:interface=127.0.0.1", site)
+                service.startService()
+                reactor.run()
+                """))
+        with open(os.path.join(directory, "app.tac"), "w") as f:
+            f.write(textwrap.dedent("""\
+                from twisted.application import service
+                from txgrace import GraceService
+                from txgrace.test._apps import site
+
+                application = service.Application("bad-environment")
+                grace = GraceService()
+                grace.listen("grace:tcp:0:interface=127.0.0.1", site)
+                grace.setServiceParent(application)
+                """))
+        expected = "txgrace: error: TXGRACE_HAMMER_TIMEOUT='soon': not a number of seconds"
+        environment = dict(os.environ, TXGRACE_HAMMER_TIMEOUT="soon")
+        script = subprocess.run(
+            [sys.executable, "serve.py"], capture_output=True, text=True,
+            timeout=60, cwd=directory, env=environment, stdin=subprocess.DEVNULL,
+        )
+        self.assertOneLine(script, expected)
+        twistd = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n",
+             "--pidfile=", "-y", "app.tac"],
+            capture_output=True, text=True, timeout=60, cwd=directory,
+            env=environment, stdin=subprocess.DEVNULL,
+        )
+        output = twistd.stdout + twistd.stderr
+        self.assertNotEqual(twistd.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        self.assertEqual(len(errors), 1, output)
+        self.assertTrue(errors[0].endswith(" " + expected), errors[0])
+
     def test_importErrorSaysWhere(self) -> None:
         """
         An app that fails to import says where (file and line).
