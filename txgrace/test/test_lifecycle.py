@@ -842,7 +842,7 @@ class HandshakeTests(LifecycleTestCase):
         predecessor (which wrote them before it said GO).
         """
         lifecycle, channel, transport = self.successor()
-        self.assertEqual(transport.value(), b"READY\n")
+        self.assertEqual(transport.value(), b"HANDOFF\nREADY\n")
         self.assertEqual(lifecycle.state, STARTING)
         self.assertFalse(self.registry.accepting)
         self.reactor.advance(GO_TIMEOUT - 0.1)
@@ -918,6 +918,24 @@ class ControlChannelTests(SynchronousTestCase):
         self.assertNoResult(go)
         channel.dataReceived(b"GO\n")
         self.assertEqual(self.successResultOf(go), "go")
+
+    def test_handoffAnnounced(self) -> None:
+        """
+        A child that takes connections says C{HANDOFF} before C{READY}; one
+        sent to a child that does not is refused, not left unanswered.
+        """
+        from txgrace.handoff import HandoffReceiver
+
+        channel = ControlChannel(handoff=HandoffReceiver(SocketRegistry(inherit=lambda: [])))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.ready()
+        self.assertEqual(transport.value(), b"HANDOFF\nREADY\n")
+        plain = ControlChannel()
+        transport = StringTransport()
+        plain.makeConnection(transport)
+        plain.dataReceived(b"CONN 7 - dGNw\n")
+        self.assertEqual(transport.value(), b"REFUSED 7 this process takes no handoffs\n")
 
     def test_parentGone(self) -> None:
         channel = ControlChannel()

@@ -8,6 +8,7 @@ L{txgrace.test.test_units.LoadAppTests}.)
 from __future__ import annotations
 
 import os
+import textwrap
 import subprocess
 import sys
 
