@@ -219,11 +219,7 @@ def webSocketSite():
     return Site(root)
 
 
-def autobahnFactory():
-    """
-    An autobahn websocket echo server as a plain factory, for
-    C{--app txgrace.test._apps.autobahnFactory}.
-    """
+def _autobahnEchoFactory():
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
     class Echo(WebSocketServerProtocol):
@@ -233,3 +229,46 @@ def autobahnFactory():
     factory = WebSocketServerFactory()
     factory.protocol = Echo
     return factory
+
+
+def autobahnFactory():
+    """
+    An autobahn websocket echo server as a plain factory, for
+    C{--app txgrace.test._apps.autobahnFactory}.
+    """
+    return _autobahnEchoFactory()
+
+
+def autobahnSite():
+    """
+    The autobahn echo server served through C{twisted.web} at C{/ws}
+    (autobahn's own C{WebSocketResource} takes the connection over from the
+    C{HTTPChannel}), for C{--app txgrace.test._apps.autobahnSite}.
+    """
+    from autobahn.twisted.resource import WebSocketResource as AutobahnResource
+
+    root = Root()
+    root.putChild(b"ws", AutobahnResource(_autobahnEchoFactory()))
+    return Site(root)
+
+
+def backgroundSite():
+    """
+    L{site}, plus background work that stops through the drain notice: a
+    L{LoopingCall} that logs C{"background tick"} every 0.1 s until
+    L{txgrace.whenDraining} fires, which logs C{"background work stopped"}.
+    For C{--app txgrace.test._apps.backgroundSite}.
+    """
+    from twisted.internet.task import LoopingCall
+
+    from txgrace import whenDraining
+
+    loop = LoopingCall(lambda: log.info("background tick"))
+    loop.start(0.1)
+
+    def stop(ignored):
+        loop.stop()
+        log.info("background work stopped")
+
+    whenDraining().addCallback(stop)
+    return site
