@@ -255,20 +255,20 @@ def autobahnSite():
 def backgroundSite():
     """
     L{site}, plus background work that stops through the drain notice: a
-    L{LoopingCall} that logs C{"background tick"} every 0.1 s until
-    L{txgrace.whenDraining} fires, which logs C{"background work stopped"}.
-    For C{--app txgrace.test._apps.backgroundSite}.
+    L{LoopingCall} that logs C{"background tick in pid N"} every 0.1 s until
+    L{txgrace.whenDraining} fires, which logs C{"background work stopped in
+    pid N"}.  For C{--app txgrace.test._apps.backgroundSite}.
     """
     from twisted.internet.task import LoopingCall
 
     from txgrace import whenDraining
 
-    loop = LoopingCall(lambda: log.info("background tick"))
+    loop = LoopingCall(lambda: log.info("background tick in pid {pid}", pid=os.getpid()))
     loop.start(0.1)
 
     def stop(ignored):
         loop.stop()
-        log.info("background work stopped")
+        log.info("background work stopped in pid {pid}", pid=os.getpid())
 
     whenDraining().addCallback(stop)
     return site
