@@ -288,11 +288,16 @@ class MasterLifeTests(_MasterMixin, TestCase):
         from txgrace.test.test_web import rawGet, status
 
         server, port, workers = self.startMaster(
-            "--health", "/healthz", "--shutdown-delay", "2"
+            "--health", "/healthz", "--shutdown-delay", "4"
         )
         self.assertEqual({status(rawGet(port, "/healthz")) for _ in range(10)}, {200})
         server.signal(signal.SIGTERM)
-        delay = server.waitForMessage("Serving 2.0s more before stopping")
+        delay = server.waitForMessage("Serving 4.0s more before stopping")
+        # The master logs that line a moment before its message to the
+        # workers leaves (on its next reactor turn): wait for the first 503.
+        self.assertTrue(
+            waitUntil(lambda: status(rawGet(port, "/healthz")) == 503, 2.0)
+        )
         answers = [rawGet(port, "/healthz") for _ in range(20)]
         self.assertEqual({status(a) for a in answers}, {503})
         self.assertTrue(all(a.endswith(b"stopping\n") for a in answers))
