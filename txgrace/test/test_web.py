@@ -132,7 +132,7 @@ class DrainNoticeProcessTests(TestCase):
         """
         server = ServerProcess(
             ["--endpoint", LOCAL, "--app", "txgrace.test._apps.backgroundSite",
-             "--shutdown-delay", "1"]
+             "--shutdown-delay", "2"]
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1).pid
@@ -152,7 +152,7 @@ class DrainNoticeProcessTests(TestCase):
         )
 
         os.kill(second, signal.SIGTERM)
-        delay = server.waitForMessage(r"Serving 1.0s more before stopping")
+        delay = server.waitForMessage(r"Serving 2.0s more before stopping")
         server.waitForMessage(
             rf"background tick in pid {second}$", since=server.events.index(delay) + 1
         )

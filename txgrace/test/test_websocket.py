@@ -379,12 +379,13 @@ class WebSocketDrainTests(TestCase):
         os.kill(second, signal.SIGTERM)
         self.assertTrue(waitUntil(lambda: not isAlive(second), 30))
 
-    def test_unpacedIsAStorm(self) -> None:
+    def test_unpacedDrainIsShort(self) -> None:
         """
-        The other way round, so that the bounds above mean something: with
-        C{--drain-rate 0} the same 500 reconnections come faster than a pace
-        of 200 a second allows, and the drain is far shorter than the paced
-        one's lower bound.
+        The other way round, so that the lower bound above means something:
+        with C{--drain-rate 0} the same 500 are closed in far less than the
+        paced drain's lower bound.  (The per-second count is not asserted
+        here: how fast 500 client threads reconnect depends on the
+        machine's load.)
         """
         needTwistedWebSockets()
         rate, count = 200, 500
@@ -396,8 +397,9 @@ class WebSocketDrainTests(TestCase):
         server.waitServing(2)
         joinAll(threads)
         self.assertEqual([c.error for c in clients if c.error], [])
-        accepted = [c.reconnectedAt for c in clients if c.reconnectedAt is not None]
-        self.assertGreater(mostInAnySecond(accepted), rate)
+        self.assertEqual(
+            Counter(c.closeCode for c in clients), Counter({1001: count})
+        )
         drained = server.waitFor(
             lambda e: e.get("log_namespace") == "txgrace.drain" and "seconds" in e
         )
