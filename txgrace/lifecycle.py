@@ -1104,7 +1104,7 @@ def configure(**settings: Any) -> None:
     """
     Configure this process's lifecycle from code: C{hammerTimeout},
     C{readyTimeout}, C{pidFile}, C{restartSignals}, C{shutdownDelay},
-    C{probation}.
+    C{probation}, C{drainRate}.
     These override the C{TXGRACE_*} environment variables.
 
     @raise txgrace.settings.SettingError: For an unknown setting or a bad

@@ -78,6 +78,14 @@ class MasterService(Service):
     signals, readiness, pidfile and sd_notify are the lifecycle's, and this
     service is its policy for workers (L{IWorkers}).
 
+    The settings (C{hammerTimeout}, ..., C{drainRate}, C{probation}; see
+    L{txgrace.GraceService}) are the master's; L{None} leaves one to the
+    environment and its default.  C{probation} keeps an old worker until
+    its replacement has served that long.  Workers run C{command} and take
+    their own settings from it and the environment (C{twist txgrace}
+    passes the same options), so a worker's drain follows its own
+    C{drainRate}.
+
     @ivar workerPids: The pids of the workers serving now, by slot.
     """
 
@@ -93,6 +101,8 @@ class MasterService(Service):
         reactor: Any = None,
         registry: SocketRegistry | None = None,
         command: Sequence[str] | None = None,
+        drainRate: float | None = None,
+        probation: float | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -107,6 +117,8 @@ class MasterService(Service):
             pidFile=pidFile,
             restartSignals=restartSignals,
             shutdownDelay=shutdownDelay,
+            drainRate=drainRate,
+            probation=probation,
         )
         self._descriptions = list(endpoints)
         self._slots = [_Slot(n) for n in range(1, workers + 1)]

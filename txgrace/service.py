@@ -74,6 +74,12 @@ class GraceService(MultiService):
     @param restartSignals: The signals that restart.
     @param shutdownDelay: Seconds to go on serving after SIGTERM before the
         drain begins (for load balancers, as in Kubernetes).
+    @param drainRate: How many long-lived connections (websockets,
+        L{txgrace.IDrainable} protocols) a drain asks to close per second;
+        C{0} asks them all at once.  HTTP requests are never paced.
+    @param probation: Seconds after a handover during which this process
+        keeps its copies of the sockets and serves again if its successor
+        dies (it keeps them as long as its drain lasts in any case).
     @param installSignalHandlers: C{False} leaves signals alone (tests).
     @raise txgrace.settings.SettingError: For a bad value, naming it.
     """
@@ -88,6 +94,8 @@ class GraceService(MultiService):
         registry: SocketRegistry | None = None,
         installSignalHandlers: bool = True,
         shutdownDelay: float | None = None,
+        drainRate: float | None = None,
+        probation: float | None = None,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -102,6 +110,8 @@ class GraceService(MultiService):
             pidFile=pidFile,
             restartSignals=restartSignals,
             shutdownDelay=shutdownDelay,
+            drainRate=drainRate,
+            probation=probation,
         )
         if not installSignalHandlers:
             self.lifecycle.installSignalHandlers = False

@@ -291,11 +291,7 @@ def webSocketSite():
     return Site(root)
 
 
-def autobahnFactory():
-    """
-    An autobahn websocket echo server as a plain factory, for
-    C{--app txgrace.test._apps.autobahnFactory}.
-    """
+def _autobahnEchoFactory():
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
     class Echo(WebSocketServerProtocol):
@@ -304,4 +300,52 @@ def autobahnFactory():
 
     factory = WebSocketServerFactory()
     factory.protocol = Echo
+    # Autobahn aborts a peer that has not answered its close frame within
+    # closeHandshakeTimeout (1 s by default): hundreds of client threads on
+    # a loaded test machine can be that slow, and the abort can discard the
+    # close frame before the client reads it.
+    factory.setProtocolOptions(closeHandshakeTimeout=30)
     return factory
+
+
+def autobahnFactory():
+    """
+    An autobahn websocket echo server as a plain factory, for
+    C{--app txgrace.test._apps.autobahnFactory}.
+    """
+    return _autobahnEchoFactory()
+
+
+def autobahnSite():
+    """
+    The autobahn echo server served through C{twisted.web} at C{/ws}
+    (autobahn's own C{WebSocketResource} takes the connection over from the
+    C{HTTPChannel}), for C{--app txgrace.test._apps.autobahnSite}.
+    """
+    from autobahn.twisted.resource import WebSocketResource as AutobahnResource
+
+    root = Root()
+    root.putChild(b"ws", AutobahnResource(_autobahnEchoFactory()))
+    return Site(root)
+
+
+def backgroundSite():
+    """
+    L{site}, plus background work that stops through the drain notice: a
+    L{LoopingCall} that logs C{"background tick in pid N"} every 0.1 s until
+    L{txgrace.whenDraining} fires, which logs C{"background work stopped in
+    pid N"}.  For C{--app txgrace.test._apps.backgroundSite}.
+    """
+    from twisted.internet.task import LoopingCall
+
+    from txgrace import whenDraining
+
+    loop = LoopingCall(lambda: log.info("background tick in pid {pid}", pid=os.getpid()))
+    loop.start(0.1)
+
+    def stop(ignored):
+        loop.stop()
+        log.info("background work stopped in pid {pid}", pid=os.getpid())
+
+    whenDraining().addCallback(stop)
+    return site

@@ -1081,3 +1081,105 @@ class HTTP2DrainTests(DrainTestsMixin, SynchronousTestCase):
         self.clock.advance(10 - H2_GOAWAY_GRACE_SECONDS)
         self.assertTrue(broken.aborted)
         self.assertEqual(self.successResultOf(d), DrainResult(2, 1, 10.0, 1))
+
+
+class PacedDrainTests(DrainTestsMixin, SynchronousTestCase):
+    """
+    A drain with C{drainRate}: the long-lived (L{IDrainable}) connections
+    are asked at that rate, and HTTP/1.1 connections in the same drain are
+    not held back by it.
+    """
+
+    def drainable(self) -> FakeConnection:
+        """
+        A connection whose L{IDrainable} protocol closes it when asked.
+        """
+        protocol = DrainableProtocol()
+        connection = FakeConnection(self.connections, self.clock, protocol)
+        protocol.closeOnDrain = connection
+        return connection
+
+    def advanceTo(self, seconds: float) -> None:
+        """
+        Run the clock until C{seconds} after the drain began, stopping at
+        each timer's time (L{Clock.advance} runs a timer that reschedules
+        itself only once a call).
+        """
+        target = self.started + seconds
+        while self.clock.seconds() < target:
+            due = [c.getTime() for c in self.clock.getDelayedCalls()]
+            step = min([t for t in due if t <= target] + [target])
+            self.clock.advance(max(step - self.clock.seconds(), 0.0))
+
+    def test_httpNotSlowedByPace(self) -> None:
+        """
+        At 10 a second, 50 drainable connections are asked over 5 s.  In the
+        same drain an idle HTTP/1.1 connection closes at once, a request in
+        flight ends with C{Connection: close} and its connection closes the
+        moment the response is done, and a recently active keep-alive
+        connection closes once it has been quiet for L{IDLE_QUIET_SECONDS},
+        exactly as in a drain with nothing to pace.
+        """
+        drainables = [self.drainable() for _ in range(50)]
+        idle, _, idleTransport = self.httpConnection()
+        idle.lastActive -= 60
+        recent, _, recentTransport = self.httpConnection()
+        resource = DeferredResource()
+        busy, busyChannel, busyTransport = self.httpConnection(resource)
+        busyChannel.dataReceived(REQUEST)
+        [request] = resource.requests
+
+        def asked() -> int:
+            return sum(c.protocol.drains for c in drainables)
+
+        self.started = self.clock.seconds()
+        d = self.drain(drainRate=10).start()
+        self.assertTrue(idleTransport.disconnecting)
+        self.settle()
+        self.assertEqual(asked(), 1)
+
+        self.advanceTo(0.25)
+        self.assertEqual(asked(), 3)
+        request.setHeader(b"content-length", b"2")
+        request.write(b"ok")
+        request.finish()
+        [(_, headers, body)] = parseResponses(busyTransport.value())
+        self.assertEqual((headers[b"connection"], body), (b"close", b"ok"))
+        self.assertTrue(busyTransport.disconnecting)
+        self.settle()
+
+        self.advanceTo(IDLE_QUIET_SECONDS - 0.01)
+        self.assertFalse(recentTransport.disconnecting)
+        self.advanceTo(IDLE_QUIET_SECONDS + 0.01)
+        self.assertTrue(recentTransport.disconnecting)
+        self.settle()
+        self.assertEqual(self.connections & {idle, recent, busy}, set())
+        # The pace went on meanwhile: at 0.0, 0.1, ..., 1.0 s.
+        self.assertEqual(asked(), 11)
+        self.assertEqual(len(self.connections), 50 - asked())
+
+        self.advanceTo(4.45)
+        self.assertNoResult(d)
+        self.assertEqual(asked(), 45)
+        self.advanceTo(5.5)
+        self.assertEqual(asked(), 50)
+        self.assertEqual(self.connections, set())
+        result = self.successResultOf(d)
+        self.assertEqual((result.opened, result.aborted, result.failed), (53, 0, 0))
+        # 50 at 10 a second: the last is asked 4.9 s in.
+        self.assertAlmostEqual(result.seconds, 4.9, places=6)
+
+    def test_httpAloneNotPaced(self) -> None:
+        """
+        A drain with a rate but nothing long-lived to pace closes its idle
+        HTTP/1.1 connections at once and finishes.
+        """
+        transports = []
+        for _ in range(20):
+            connection, _, transport = self.httpConnection()
+            connection.lastActive -= 60
+            transports.append(transport)
+        d = self.drain(drainRate=1).start()
+        self.assertTrue(all(t.disconnecting for t in transports))
+        self.settle()
+        self.assertEqual(self.successResultOf(d), DrainResult(20, 0, 0.0))

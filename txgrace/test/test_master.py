@@ -277,6 +277,41 @@ class MasterLifeTests(_MasterMixin, TestCase):
         self.assertIn(_servedBy(get(port)), workers)
         self.assertEqual(server.wait(30), 0)
 
+    def test_healthFailsThroughShutdownDelay(self) -> None:
+        """
+        With C{--health} and C{--shutdown-delay}, the master tells every
+        worker that a stop has begun (its lame-duck message) at SIGTERM: the
+        health check answers 503 from each worker throughout the delay,
+        while requests are still served; then the workers drain and the
+        master exits 0.
+        """
+        from txgrace.test.test_web import rawGet, status
+
+        server, port, workers = self.startMaster(
+            "--health", "/healthz", "--shutdown-delay", "4"
+        )
+        self.assertEqual({status(rawGet(port, "/healthz")) for _ in range(10)}, {200})
+        server.signal(signal.SIGTERM)
+        delay = server.waitForMessage("Serving 4.0s more before stopping")
+        # The master logs that line a moment before its message to the
+        # workers leaves (on its next reactor turn): wait for the first 503.
+        self.assertTrue(
+            waitUntil(lambda: status(rawGet(port, "/healthz")) == 503, 2.0)
+        )
+        answers = [rawGet(port, "/healthz") for _ in range(20)]
+        self.assertEqual({status(a) for a in answers}, {503})
+        self.assertTrue(all(a.endswith(b"stopping\n") for a in answers))
+        self.assertIn(_servedBy(get(port)), workers)
+        # All of that within the delay: nobody has begun to drain yet.
+        self.assertEqual(
+            [
+                e for e in server.events[server.events.index(delay):]
+                if e.get("log_format", "").startswith("Draining")
+            ],
+            [],
+        )
+        self.assertEqual(server.wait(30), 0)
+
     def test_asPidOne(self) -> None:
         """
         As pid 1 of a new pid namespace, the master reaps orphaned processes

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+from typing import Any
 
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
@@ -27,7 +28,9 @@ from twisted.web.server import Site
 from txgrace import sdnotify
 from txgrace.adopt import SocketRegistry
 from txgrace.pidfile import checkPidFileLocation, removePidFile, writePidFile
+from txgrace.master import MasterService
 from txgrace.service import GraceService, RestartRefused
+from txgrace.settings import SettingError, Settings, resolve
 from txgrace.tap import AppError, Options, loadApp
 from txgrace.test.test_process import shortTemporaryDirectory
 
@@ -564,3 +567,68 @@ class GraceServiceRefusalTests(SynchronousTestCase):
         failure = self.failureResultOf(service.restart(), RestartRefused)
         self.assertIn("not ready", failure.getErrorMessage())
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ServiceSettingsTests(SynchronousTestCase):
+    """
+    L{GraceService} and L{MasterService} take every setting as a keyword,
+    C{drainRate} and C{probation} included, and refuse a bad value naming
+    it.
+    """
+
+    def given(self, service: Any) -> Settings:
+        # What the lifecycle will use once installed, with no TXGRACE_*.
+        return resolve(service.lifecycle._code, {})
+
+    def test_graceService(self) -> None:
+        service = GraceService(
+            reactor=MemoryReactorClock(),
+            installSignalHandlers=False,
+            registry=SocketRegistry(inherit=lambda: []),
+            drainRate=25,
+            probation=3,
+        )
+        settings = self.given(service)
+        self.assertEqual((settings.drainRate, settings.probation), (25.0, 3.0))
+
+    def test_masterService(self) -> None:
+        service = MasterService(
+            [],
+            2,
+            reactor=MemoryReactorClock(),
+            registry=SocketRegistry(inherit=lambda: []),
+            drainRate=0,
+            probation=1.5,
+        )
+        settings = self.given(service)
+        self.assertEqual((settings.drainRate, settings.probation), (0.0, 1.5))
+
+    def test_leftToTheEnvironment(self) -> None:
+        """
+        Not given, they come from the environment, then the defaults.
+        """
+        service = GraceService(
+            reactor=MemoryReactorClock(),
+            installSignalHandlers=False,
+            registry=SocketRegistry(inherit=lambda: []),
+        )
+        settings = resolve(
+            service.lifecycle._code,
+            {"TXGRACE_DRAIN_RATE": "40", "TXGRACE_PROBATION": "2"},
+        )
+        self.assertEqual((settings.drainRate, settings.probation), (40.0, 2.0))
+        self.assertEqual(self.given(service), Settings())
+
+    def test_badValues(self) -> None:
+        for keyword, value, message in [
+            ("drainRate", -1, "drainRate="),
+            ("probation", "soon", "probation='soon'"),
+        ]:
+            with self.assertRaises(SettingError) as raised:
+                GraceService(
+                    reactor=MemoryReactorClock(),
+                    installSignalHandlers=False,
+                    registry=SocketRegistry(inherit=lambda: []),
+                    **{keyword: value},
+                )
+            self.assertTrue(str(raised.exception).startswith(message), raised.exception)

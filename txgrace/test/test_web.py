@@ -17,8 +17,17 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+import txgrace
+from txgrace import lifecycle as lifecycleModule
 from txgrace.adopt import SocketRegistry
-from txgrace.lifecycle import HANDED_OVER, RESTARTING, SERVING, STARTING, ProcessLifecycle
+from txgrace.lifecycle import (
+    HANDED_OVER,
+    RESTARTING,
+    SERVING,
+    STARTING,
+    ProcessLifecycle,
+    lifecycleFor,
+)
 from txgrace.test.test_install import _sourceTree
 from txgrace.test.test_process import LOCAL, _Background
 from txgrace.testing import ServerProcess, isAlive, waitUntil
@@ -91,6 +100,64 @@ class FinishOnDrainTests(SynchronousTestCase):
             lastEvent("going\naway", 500, "bye"),
             b"retry: 500\nevent: bye\ndata: going\ndata: away\n\n",
         )
+
+
+class DrainNoticeTests(SynchronousTestCase):
+    def test_whenDraining(self) -> None:
+        """
+        C{txgrace.whenDraining()} is this process's notice: each call gives a
+        Deferred that has not fired while the process serves, every one of
+        them fires when the drain begins, and one asked for after that has
+        already fired.
+        """
+        self.patch(lifecycleModule, "processRegistry", SocketRegistry(lambda: []))
+        lifecycle = lifecycleFor(reactor=MemoryReactorClock())
+        self.assertIs(lifecycleFor(), lifecycle)
+        first, second = txgrace.whenDraining(), txgrace.whenDraining()
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        lifecycle._startDrain()
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(second))
+        self.assertIsNone(self.successResultOf(txgrace.whenDraining()))
+
+
+class DrainNoticeProcessTests(TestCase):
+    def test_backgroundWorkStops(self) -> None:
+        """
+        Background work (a L{LoopingCall}) that waits on
+        C{txgrace.whenDraining()} stops in the old process after a HUP,
+        while its successor's goes on; on SIGTERM with C{--shutdown-delay}
+        it goes on through the delay and stops when the drain begins.
+        """
+        server = ServerProcess(
+            ["--endpoint", LOCAL, "--app", "txgrace.test._apps.backgroundSite",
+             "--shutdown-delay", "2"]
+        )
+        self.addCleanup(server.kill)
+        first = server.waitServing(1).pid
+        server.waitForMessage(rf"background tick in pid {first}$")
+        os.kill(first, signal.SIGHUP)
+        second = server.waitServing(2).pid
+        stopped = server.waitForMessage(rf"background work stopped in pid {first}$")
+        self.assertEqual(server.waitFirst(30), 0)
+        since = server.eventCount()
+        server.waitForMessage(rf"background tick in pid {second}$", since=since)
+        self.assertEqual(
+            [m for m in server.messages() if f"stopped in pid {second}" in m], []
+        )
+        self.assertNotIn(
+            f"background tick in pid {first}",
+            "\n".join(server.messages()[server.events.index(stopped) + 1:]),
+        )
+
+        os.kill(second, signal.SIGTERM)
+        delay = server.waitForMessage(r"Serving 2.0s more before stopping")
+        server.waitForMessage(
+            rf"background tick in pid {second}$", since=server.events.index(delay) + 1
+        )
+        server.waitForMessage(rf"background work stopped in pid {second}$")
+        self.assertTrue(waitUntil(lambda: not isAlive(second), 30))
 
 
 class DemoTests(TestCase):
