@@ -163,18 +163,19 @@ def _unb64(data: bytes) -> bytes:
 
 class HandoffSender:
     """
-    The old process's end: passes connections to the successor over the
-    control channel C{transport} (a UNIX socket transport), and learns which
-    ones it took.
+    The passing end of a control channel C{transport} (a UNIX socket
+    transport): passes connections to the process at the other end, which
+    answers for each.  The old process passes its own connections
+    (L{move}); a master passes on those of a retiring worker (L{forward}).
 
-    @ivar handedOff: How many connections the successor took.
+    @ivar handedOff: How many connections the other end took.
     @ivar refused: How many it refused (or could not answer for).
     """
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[Any, Deferred[bool]]] = {}
+        self._pending: dict[int, Deferred[bytes | None]] = {}
         self._moving: set[Any] = set()
         self._open = True
         self.handedOff = 0
@@ -189,32 +190,61 @@ class HandoffSender:
         """
         return connection in self._moving
 
+    def forward(self, fd: int, state: bytes, key: str) -> Deferred[bytes | None]:
+        """
+        Pass the connection on descriptor C{fd}, with C{state}, for the port
+        C{key}.  C{fd} must stay open until the answer.
+
+        @return: A Deferred that fires with L{None} once the other end took
+            it, or with its reason (bytes) if it did not.
+        """
+        if not self._open:
+            return succeed(b"the channel is closed")
+        ident = next(self._ids)
+        answer: Deferred[bytes | None] = Deferred()
+        self._pending[ident] = answer
+        self._transport.sendFileDescriptor(fd)
+        self._transport.write(
+            b"%s %d %s %s\n" % (CONN, ident, _b64(state), _b64(key.encode()))
+        )
+        return answer
+
     def move(self, connection: Any, state: bytes) -> Deferred[bool]:
         """
-        Stop reading C{connection} and pass it to the successor with
-        C{state} (see L{readyToMove}).
+        Stop reading C{connection} and pass it with C{state} (see
+        L{readyToMove}).
 
-        @return: A Deferred that fires with C{True} once the successor took
+        @return: A Deferred that fires with C{True} once the other end took
             it (this process has let go of it), or C{False} if it did not
             (this process reads it again and still owns it).
         """
-        if not self._open:
-            return succeed(False)
-        ident = next(self._ids)
-        done: Deferred[bool] = Deferred()
         connection.stopReading()
-        self._pending[ident] = (connection, done)
         self._moving.add(connection)
-        self._transport.sendFileDescriptor(connection.fileno())
-        self._transport.write(
-            b"%s %d %s %s\n"
-            % (CONN, ident, _b64(state), _b64(connection.server.key.encode()))
+
+        def answered(why: bytes | None) -> bool:
+            self._moving.discard(connection)
+            if why is None:
+                self.handedOff += 1
+                if not connection.disconnected:
+                    forgetConnection(connection, Failure(ConnectionHandedOff()))
+                return True
+            self.refused += 1
+            log.warn(
+                "The connection of {peer} stays here: {why}",
+                peer=_peer(connection),
+                why=why.decode("utf-8", "replace"),
+            )
+            if not connection.disconnected:
+                connection.startReading()
+            return False
+
+        return self.forward(connection.fileno(), state, connection.server.key).addCallback(
+            answered
         )
-        return done
 
     def answerReceived(self, line: bytes) -> bool:
         """
-        Handle a line from the successor if it answers for a connection.
+        Handle a line from the other end if it answers for a connection.
 
         @return: Whether it did.
         """
@@ -223,25 +253,11 @@ class HandoffSender:
             return False
         identText, _, why = rest.partition(b" ")
         try:
-            entry = self._pending.pop(int(identText))
+            answer = self._pending.pop(int(identText))
         except (ValueError, KeyError):
             log.error("Unexpected handoff answer {line!r}", line=line)
             return True
-        connection, done = entry
-        self._moving.discard(connection)
-        if word == TOOK:
-            self.handedOff += 1
-            if not connection.disconnected:
-                forgetConnection(connection, Failure(ConnectionHandedOff()))
-            done.callback(True)
-        else:
-            self.refused += 1
-            log.warn(
-                "The successor refused the connection of {peer}: {why}",
-                peer=_peer(connection),
-                why=why.decode("utf-8", "replace"),
-            )
-            self._keep(connection, done)
+        answer.callback(None if word == TOOK else (why or b"refused"))
         return True
 
     def lost(self) -> None:
@@ -250,21 +266,82 @@ class HandoffSender:
         """
         self._open = False
         pending, self._pending = self._pending, {}
-        self._moving.clear()
         if pending:
             log.warn(
-                "The successor's channel closed with {count} connections in "
-                "transit; this process keeps them",
+                "The channel closed with {count} connections in transit; "
+                "they stay here",
                 count=len(pending),
             )
-        for connection, done in pending.values():
-            self.refused += 1
-            self._keep(connection, done)
+        for answer in pending.values():
+            answer.callback(b"the channel closed")
 
-    def _keep(self, connection: Any, done: Deferred[bool]) -> None:
-        if not connection.disconnected:
-            connection.startReading()
-        done.callback(False)
+
+class HandoffRelay:
+    """
+    A master's part: the connections a retiring worker passes up (on its
+    control channel) are passed on to a worker that stays, and the answer
+    goes back.  The master never serves them; its copy of each descriptor
+    is closed once the answer is in.
+
+    @param upstream: The retiring worker's channel transport, to answer on.
+    @param target: Returns the sender of the worker to pass them to, or
+        L{None} if none takes them.
+    """
+
+    def __init__(self, upstream: Any, target: Any) -> None:
+        self._upstream = upstream
+        self._target = target
+        self._descriptors: deque[int] = deque()
+
+    def descriptorReceived(self, fd: int) -> None:
+        """
+        A descriptor arrived; the line that says what it is follows.
+        """
+        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        self._descriptors.append(fd)
+
+    def connectionReceived(self, line: bytes) -> None:
+        """
+        Pass on the connection a C{CONN} line describes.
+        """
+        parts = line.split(b" ")
+        ident = parts[1] if len(parts) > 1 else b"?"
+        if not self._descriptors:
+            self._answer(b"%s %s no descriptor came with it" % (REFUSED, ident))
+            return
+        fd = self._descriptors.popleft()
+        sender = self._target()
+        try:
+            state, key = _unb64(parts[2]), _unb64(parts[3]).decode()
+        except (IndexError, ValueError, binascii.Error):
+            os.close(fd)
+            self._answer(b"%s %s malformed" % (REFUSED, ident))
+            return
+        if sender is None:
+            os.close(fd)
+            self._answer(b"%s %s no worker takes it" % (REFUSED, ident))
+            return
+
+        def answered(why: bytes | None) -> None:
+            os.close(fd)
+            if why is None:
+                self._answer(b"%s %s" % (TOOK, ident))
+            else:
+                self._answer(b"%s %s %s" % (REFUSED, ident, why))
+
+        sender.forward(fd, state, key).addCallback(answered)
+
+    def lost(self) -> None:
+        """
+        The retiring worker is gone: close what it passed and no line named.
+        """
+        while self._descriptors:
+            os.close(self._descriptors.popleft())
+
+    def _answer(self, line: bytes) -> None:
+        if self._upstream.connected and not self._upstream.disconnecting:
+            self._upstream.write(line + b"\n")
 
 
 def _peer(connection: Any) -> str:

@@ -52,7 +52,7 @@ from zope.interface import Interface
 from txgrace import sdnotify
 from txgrace.adopt import SocketRegistry, registry as processRegistry, stopListening
 from txgrace.drain import Drain, DrainResult, drainConnections
-from txgrace.handoff import HandoffReceiver
+from txgrace.handoff import HandoffReceiver, HandoffSender
 from txgrace.pidfile import (
     removePidFile,
     removeRestartStatus,
@@ -349,12 +349,13 @@ class ProcessLifecycle:
 
     def _running(self) -> None:
         if self._controlFD is not None:
+            receiver = HandoffReceiver(self._registry) if self.settings.handoff else None
             channel = (
-                ControlChannel(self._stopAsWorker, self._hammerAsWorker, self._lameDuck)
-                if self.worker
-                else ControlChannel(
-                    handoff=HandoffReceiver(self._registry) if self.settings.handoff else None
+                ControlChannel(
+                    self._stopAsWorker, self._hammerAsWorker, self._lameDuck, receiver
                 )
+                if self.worker
+                else ControlChannel(handoff=receiver)
             )
             self._control = adoptControlChannel(self._reactor, self._controlFD, channel)
             self._controlFD = None
@@ -509,6 +510,11 @@ class ProcessLifecycle:
             return
         # Counts as the first stop signal: a SIGTERM now hammers.
         self._stopAsked = True
+        control = self._control
+        if control is not None and control.passUp and control.transport is not None:
+            # A roll: the drain passes connections up to the master, which
+            # passes them on to a worker that stays.
+            control.sender = HandoffSender(control.transport)
         log.info("Stopping: {why}", why=why)
         self._stopReactor()
 
@@ -626,7 +632,8 @@ class ProcessLifecycle:
                 # The drain began at the handover (see _startProbation).
                 done.addCallback(lambda ignored: self._whenDrained())
             else:
-                done.addCallback(lambda ignored: self._startDrain())
+                upstream = self._control.sender if self._control is not None else None
+                done.addCallback(lambda ignored: self._startDrain(upstream))
             done.addCallback(lambda result: self._drained(result, exiting))
         if final and self.settings.pidFile is not None and not self.worker:
             pidFile = self.settings.pidFile

@@ -196,6 +196,7 @@ class MasterService(Service):
             self._command,
             worker=True,
             ignoreSignals=self.lifecycle.settings.restartSignals,
+            handoff=self.lifecycle.settings.handoff,
         )
         self._starting.add(worker)
         blocked = blockSignals(self.lifecycle.settings.restartSignals)
@@ -276,7 +277,22 @@ class MasterService(Service):
                 slot.previous = old
                 slot.retireCall = self._reactor.callLater(probation, self._retire, slot)
             else:
-                old.stop()
+                old.stop(relayTo=lambda: self._handoffTarget(slot))
+
+    def _handoffTarget(self, slot: _Slot) -> Any:
+        """
+        The sender of the worker that takes a retiring worker's connections:
+        the one now serving in its slot, else any that serves and takes
+        them; L{None} when the master is stopping or none does.
+        """
+        if self._stopping:
+            return None
+        slots = [slot] + [s for s in self._slots if s is not slot]
+        for candidate in slots:
+            worker = candidate.worker
+            if worker is not None and worker not in self._draining and worker.handoff is not None:
+                return worker.handoff
+        return None
 
     def _retire(self, slot: _Slot) -> None:
         """
@@ -287,7 +303,7 @@ class MasterService(Service):
         slot.retireCall = None
         previous, slot.previous = slot.previous, None
         if previous is not None:
-            previous.stop()
+            previous.stop(relayTo=lambda: self._handoffTarget(slot))
 
     def _workerEnded(self, status: str, slot: _Slot, worker: Successor) -> None:
         self._draining.discard(worker)

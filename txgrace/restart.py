@@ -43,7 +43,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgrace.handoff import CONN, HANDOFF, HandoffReceiver, HandoffSender
+from txgrace.handoff import (
+    CONN,
+    HANDOFF,
+    REFUSED,
+    TOOK,
+    HandoffReceiver,
+    HandoffRelay,
+    HandoffSender,
+)
 from txgrace.inherit import LISTEN_FDS_START, listenEnvironment, trampoline
 
 log = Logger()
@@ -128,6 +136,7 @@ class _SuccessorProtocol(ProcessProtocol):
         self._successor._ended(reason)
 
 
+@implementer(IFileDescriptorReceiver)
 class _ControlProtocol(LineOnlyReceiver):
     """
     The parent's end of a child's control channel.
@@ -140,16 +149,28 @@ class _ControlProtocol(LineOnlyReceiver):
         self._successor = successor
 
     def lineReceived(self, line: bytes) -> None:
+        successor = self._successor
         if line == READY:
-            self._successor._becameReady()
+            successor._becameReady()
         elif line == HANDOFF:
-            self._successor.offersHandoff = True
-        elif self._successor.handoff is not None:
-            self._successor.handoff.answerReceived(line)
+            successor.offersHandoff = True
+        elif line.startswith(CONN + b" ") and successor.relay is not None:
+            # A retiring worker passes a connection up.
+            successor.relay.connectionReceived(line)
+        elif successor.handoff is not None:
+            successor.handoff.answerReceived(line)
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        if self._successor.relay is None:
+            os.close(descriptor)
+        else:
+            self._successor.relay.descriptorReceived(descriptor)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._successor.handoff is not None:
             self._successor.handoff.lost()
+        if self._successor.relay is not None:
+            self._successor.relay.lost()
 
 
 class Successor:
@@ -165,6 +186,8 @@ class Successor:
     @ivar handoff: Once it is ready, the L{HandoffSender} that passes it
         connections, if it takes them and C{handoff} was asked for; else
         L{None}.
+    @ivar relay: For a worker asked to stop and pass its connections on,
+        the L{HandoffRelay} that does; else L{None}.
 
     @param environment: Variables to set in its environment.
     @param output: A descriptor for its stdout and stderr (default: ours).
@@ -192,6 +215,7 @@ class Successor:
         self._wantsHandoff = handoff
         self.offersHandoff = False
         self.handoff: HandoffSender | None = None
+        self.relay: HandoffRelay | None = None
         self._extraEnvironment = dict(environment or {})
         self._output = output
         self._ignoreSignals = tuple(ignoreSignals)
@@ -291,11 +315,21 @@ class Successor:
         except (ProcessExitedAlready, AttributeError):
             pass
 
-    def stop(self) -> None:
+    def stop(self, relayTo: Callable[[], HandoffSender | None] | None = None) -> None:
         """
         Ask a worker to drain and exit.
+
+        @param relayTo: Where its connections go instead of being closed:
+            returns the sender of a worker that stays (or L{None} when none
+            does), asked for each connection.  Only a worker that takes
+            connections passes its own.
         """
-        self._send(STOP)
+        transport = self._control.transport if self._control is not None else None
+        if relayTo is not None and self.offersHandoff and transport is not None:
+            self.relay = HandoffRelay(transport, relayTo)
+            self._send(STOP + b" " + HANDOFF)
+        else:
+            self._send(STOP)
 
     def hammer(self) -> None:
         """
@@ -326,12 +360,7 @@ class Successor:
         self._cancelTimeout()
         assert self.pid is not None
         transport = self._control.transport if self._control is not None else None
-        if (
-            not self._worker
-            and self._wantsHandoff
-            and self.offersHandoff
-            and transport is not None
-        ):
+        if self._wantsHandoff and self.offersHandoff and transport is not None:
             self.handoff = HandoffSender(transport)
         # First the caller's bookkeeping (MAINPID= to systemd, the pidfile),
         # then GO: the successor talks to systemd as its main process.  (The
@@ -438,6 +467,8 @@ class ControlChannel(LineOnlyReceiver):
         self._lameDuck = lameDuck
         self._handoff = handoff
         self.go: Deferred[str] = Deferred()
+        self.passUp = False
+        self.sender: HandoffSender | None = None
 
     def ready(self) -> Deferred[str]:
         """
@@ -469,12 +500,20 @@ class ControlChannel(LineOnlyReceiver):
             self.go.callback("go")
         elif line == STOP and self._stop is not None:
             self._stop("the master asked this worker to stop")
+        elif line == STOP + b" " + HANDOFF and self._stop is not None:
+            # A roll: this worker's connections go to one that stays.
+            self.passUp = True
+            self._stop("the master asked this worker to stop")
+        elif line.startswith((TOOK + b" ", REFUSED + b" ")) and self.sender is not None:
+            self.sender.answerReceived(line)
         elif line == HAMMER and self._hammer is not None:
             self._hammer()
         elif line == LAME_DUCK and self._lameDuck is not None:
             self._lameDuck()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.sender is not None:
+            self.sender.lost()
         if not self.go.called:
             self.go.callback("gone")
         if self._stop is not None:
