@@ -138,7 +138,9 @@ class MasterService(Service):
         for description in self._descriptions:
             endpoint = serverFromString(self._reactor, description)
             self._sockets.append(endpoint.hold())
-        self._registry.closeUnclaimed()
+        # Inherited sockets that no endpoint claimed stay open (close-on-exec,
+        # so no worker gets them) until the lifecycle is ready: it names them
+        # to systemd's fd store (FDSTOREREMOVE=1) before it closes them.
         if os.getpid() == 1:
             self._reactor.callWhenRunning(self._startReaper)
 

@@ -214,6 +214,30 @@ class FileDescriptorStoreTests(TestCase):
         )
         self.assertEqual(list(self.systemd.stored), ["tcp/127.0.0.1/0"])
 
+    def test_masterDroppedPortRemoved(self) -> None:
+        """
+        Master mode: a port that a new configuration no longer has is
+        removed from the store (FDSTOREREMOVE=1) too, and closed.
+        """
+        extra = "grace:tcp:0:interface=127.0.0.1:name=extra"
+        arguments = ["--workers", "1", "--endpoint", LOCAL, "--app", APP]
+        server = self.systemd.start([*arguments, "--endpoint", extra])
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage(r"Master pid \d+ serving")
+        self.assertTrue(self.systemd.waitStored(2))
+        os.kill(ready["pid"], signal.SIGTERM)
+        self.assertEqual(server.wait(60), 0)
+        again = self.systemd.start(arguments)
+        self.addCleanup(again.kill)
+        again.waitForMessage(r"Master pid \d+ serving")
+        self.assertTrue(
+            waitUntil(lambda: any("FDSTOREREMOVE=1\nFDNAME=extra" in m for m in self.systemd.messages), 30)
+        )
+        self.assertEqual(list(self.systemd.stored), ["tcp/127.0.0.1/0"])
+        again.waitForMessage(r"Closing inherited fd \d+ \(extra\): no endpoint claimed it")
+        os.kill(again.pid, signal.SIGTERM)
+        self.assertEqual(again.wait(60), 0)
+
     def test_masterKillNineRefusesNothing(self) -> None:
         """
         Master mode: C{kill -9} of the master (its workers then drain and
