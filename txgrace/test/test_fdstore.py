@@ -131,6 +131,20 @@ class FakeSystemd:
         self.stored.clear()
 
 
+def _getUNIX(path: str) -> bytes:
+    """
+    The body of C{GET /} from the HTTP server on the UNIX socket C{path}.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(path)
+        client.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return response.partition(b"\r\n\r\n")[2]
+
+
 class FileDescriptorStoreTests(TestCase):
     def setUp(self) -> None:
         self.directory = shortTemporaryDirectory(self)
@@ -195,6 +209,30 @@ class FileDescriptorStoreTests(TestCase):
         A stop (SIGTERM) and a start with the stored socket: nothing fails.
         """
         self.crashAndRestart("stop")
+
+    def test_unixPathKeptForTheStore(self) -> None:
+        """
+        A C{grace:unix:} socket that the process bound keeps its path on a
+        final stop while the store holds it: after a stop and a start with
+        the stored socket, clients reach the new process by the path.
+        """
+        path = os.path.join(self.directory, "web.sock")
+        arguments = ["--endpoint", f"grace:unix:{path}:name=web", "--app", APP]
+        server = self.systemd.start(arguments)
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertTrue(self.systemd.waitStored(1))
+        self.assertEqual(_getUNIX(path), f"hello from pid {first.pid}\n".encode())
+        os.kill(first.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0)
+        self.assertTrue(os.path.exists(path))
+        again = self.systemd.start(arguments)
+        self.addCleanup(again.kill)
+        second = again.waitServing(1)
+        again.waitForMessage(r"Adopting inherited fd \d+ \(web\)")
+        self.assertEqual(_getUNIX(path), f"hello from pid {second.pid}\n".encode())
+        os.kill(second.pid, signal.SIGTERM)
+        self.assertEqual(again.wait(30), 0)
 
     def test_droppedPortRemoved(self) -> None:
         """
