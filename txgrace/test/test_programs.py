@@ -697,22 +697,22 @@ class LifecycleProcessTests(TestCase):
 class ProbationProcessTests(TestCase):
     def test_successorDiesAfterReady(self) -> None:
         """
-        Ten successors that die just after they are ready, under load: no
-        connection is refused, the old pid serves again each time, and a
-        good restart then works.
+        Ten successors that die 1 s after they began to serve, under load,
+        with the default probation: no connection is refused, the old pid
+        serves again each time, and a good restart then works.
         """
         directory = shortTemporaryDirectory(self)
         fault = os.path.join(directory, "fault")
         pidFile = os.path.join(directory, "app.pid")
         server = ServerProcess(
             ["--endpoint", LOCAL, "--app", "txgrace.test._apps.site",
-             "--probation", "5", "--pidfile", pidFile],
+             "--pidfile", pidFile],
             env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1)
         with open(fault, "w") as f:
-            f.write("exit-after-ready")
+            f.write("exit-1s-after-ready")
         port = first.port(0)
         load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=20000).start()
         self.addCleanup(load.stop)
@@ -725,6 +725,8 @@ class ProbationProcessTests(TestCase):
                 since=since,
             )
             self.assertNotEqual(event["successor"], first.pid)
+            # The test switch crashes it one second after it began to serve.
+            self.assertGreaterEqual(event["seconds"], 0.9)
             self.assertEqual(readPid(pidFile), first.pid)
         os.unlink(fault)
         since = server.eventCount()
