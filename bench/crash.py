@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import signal
 import statistics
@@ -50,6 +51,7 @@ from txgrace.test.test_fdstore import FakeSystemd  # noqa: E402
 from txgrace.testing import HTTPLoad, ServerProcess, isAlive, waitUntil  # noqa: E402
 
 FAULT = "exit-1s-after-ready"
+_PID = re.compile(rb"pid (\d+)")
 
 
 class TimedLoad(HTTPLoad):
@@ -60,20 +62,23 @@ class TimedLoad(HTTPLoad):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.answeredAt: list[float] = []
+        self.answers: list[tuple[float, int]] = []
 
     def _count(self, status: int | None, body: bytes, kind: str | None) -> None:
         super()._count(status, body, kind)
-        if kind is None and status == 200:
+        match = _PID.search(body)
+        if kind is None and status == 200 and match:
             with self._lock:
-                self.answeredAt.append(time.monotonic())
+                self.answers.append((time.monotonic(), int(match.group(1))))
 
-    def firstAnswerAfter(self, moment: float) -> float | None:
+    def firstAnswerAfter(self, moment: float, dead: int) -> float | None:
         """
-        The first time a request was answered after C{moment}, or L{None}.
+        The first time after C{moment} that a request was answered by
+        another process than C{dead} (whose last responses may still be on
+        their way when it dies), or L{None}.
         """
         with self._lock:
-            later = [t for t in self.answeredAt if t > moment]
+            later = [t for t, pid in self.answers if t > moment and pid != dead]
         return min(later) if later else None
 
     def snapshot(self) -> Counter[str]:
@@ -109,17 +114,17 @@ def arguments(port: int, *extra: str) -> list[str]:
 
 
 def crashFigures(
-    load: TimedLoad, before: Counter[str], crashedAt: float, settle: float
+    load: TimedLoad, before: Counter[str], crashedAt: float, dead: int, settle: float
 ) -> dict[str, Any]:
     """
-    Wait C{settle} seconds after the first answer following the crash, and
-    count what failed since C{before}.
+    Wait C{settle} seconds after the first answer following the crash (of
+    pid C{dead}), and count what failed since C{before}.
     """
     first = None
     deadline = time.monotonic() + 30
     while first is None and time.monotonic() < deadline:
         time.sleep(0.01)
-        first = load.firstAnswerAfter(crashedAt)
+        first = load.firstAnswerAfter(crashedAt, dead)
     time.sleep(settle)
     failures = load.snapshot() - before
     return {
@@ -162,12 +167,13 @@ def benchKill(crashes: int, clients: int, restartDelay: float, store: bool) -> l
                 time.sleep(0.5)
                 before = load.snapshot()
                 crashedAt = time.monotonic()
-                os.kill(serving.pid, signal.SIGKILL)
-                waitForExit(serving.pid)
+                dead = serving.pid
+                os.kill(dead, signal.SIGKILL)
+                waitForExit(dead)
                 time.sleep(restartDelay)
                 server = start(port)
                 serving = server.waitServing(1, timeout=60)
-                runs.append(crashFigures(load, before, crashedAt, 0.5))
+                runs.append(crashFigures(load, before, crashedAt, dead, 0.5))
         finally:
             load.stop()
     finally:
@@ -223,7 +229,7 @@ def benchSuccessorDies(
                     time.sleep(restartDelay)
                     server = start(port)
                     serving = server.waitServing(1, timeout=60)
-                runs.append(crashFigures(load, before, crashedAt, 0.5))
+                runs.append(crashFigures(load, before, crashedAt, successor, 0.5))
                 if probation and not isAlive(serving.pid):
                     raise RuntimeError(f"pid {serving.pid} did not serve again")
         finally:
