@@ -35,6 +35,7 @@ import argparse
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import sys
@@ -181,6 +182,7 @@ def benchKill(crashes: int, clients: int, restartDelay: float, store: bool) -> l
             server.kill()
         if systemd is not None:
             systemd.close()
+        shutil.rmtree(directory, ignore_errors=True)
     return runs
 
 
@@ -237,6 +239,7 @@ def benchSuccessorDies(
     finally:
         for server in servers:
             server.kill()
+        shutil.rmtree(directory, ignore_errors=True)
     return runs
 
 
