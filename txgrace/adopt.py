@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgrace import sdnotify
 from txgrace._twisted import (
     tcpPortFromDescriptor,
     unixPortFromDescriptor,
@@ -534,9 +535,11 @@ class GraceUNIXPort(_GracePort, unix.Port):  # type: ignore[misc]
 def _mayUnlink(boundHere: bool, final: bool) -> bool:
     """
     Whether a process may remove a UNIX socket path as its copy closes: only
-    on a final stop, and only if it owns the path (C{boundHere}).
+    on a final stop, only if it owns the path (C{boundHere}), and never
+    while systemd's fd store keeps a copy of the socket (the next start
+    adopts that copy, which clients can reach only by its path).
     """
-    return final and boundHere
+    return final and boundHere and not sdnotify.fileDescriptorStore()
 
 
 def _filesystemPath(address: object) -> str | None:

@@ -10,8 +10,10 @@ the application and never accepts a connection; the workers accept from the
 one shared socket, one connection per wakeup, so the kernel spreads the load.
 
   - SIGHUP/SIGUSR2: a rolling restart, one slot at a time (start the new
-    worker, wait until it is ready, stop the old one).  A new worker that
-    fails aborts the roll; the old workers go on serving.
+    worker, wait until it is ready, then keep the old one serving beside
+    it for the probation and stop it).  A new worker that fails before
+    ready, or dies within its probation, aborts the roll; the old workers
+    go on serving, and a replacement is started for one that died.
   - A worker that exits on its own is started again, after a delay that
     doubles while it keeps failing.
   - SIGTERM/SIGINT: stop every worker (each drains); a second signal aborts.
@@ -58,6 +60,11 @@ class _Slot:
 
     @ivar worker: The worker serving in it, or L{None}.
     @ivar respawnDelay: The delay before the next respawn.
+    @ivar previous: The worker that C{worker} replaced, serving on until
+        C{worker} has lasted the probation, or L{None}.
+    @ivar probationWaiters: Deferreds that fire when the probation ends:
+        with L{None} once C{previous} is stopped, or with the reason if
+        C{worker} died first (C{previous} then serves on).
     """
 
     def __init__(self, number: int) -> None:
@@ -68,6 +75,16 @@ class _Slot:
         self.respawnCall: Any = None
         self.previous: Successor | None = None
         self.retireCall: Any = None
+        self.probationWaiters: list[Deferred[str | None]] = []
+
+    def endProbation(self, reason: str | None) -> None:
+        """
+        Tell whoever waits how the probation ended (L{None}: the new worker
+        lasted it).
+        """
+        waiters, self.probationWaiters = self.probationWaiters, []
+        for waiter in waiters:
+            waiter.callback(reason)
 
 
 @implementer(IWorkers)
@@ -150,7 +167,9 @@ class MasterService(Service):
         for description in self._descriptions:
             endpoint = serverFromString(self._reactor, description)
             self._sockets.append(endpoint.hold())
-        self._registry.closeUnclaimed()
+        # Inherited sockets that no endpoint claimed stay open (close-on-exec,
+        # so no worker gets them) until the lifecycle is ready: it names them
+        # to systemd's fd store (FDSTOREREMOVE=1) before it closes them.
         if os.getpid() == 1:
             self._reactor.callWhenRunning(self._startReaper)
 
@@ -272,8 +291,9 @@ class MasterService(Service):
             self._retire(slot)
             probation = self.lifecycle.settings.probation
             if probation > 0 and not self._stopping:
-                # On probation: the old worker stops only once the new one
-                # has served that long, and serves on if the new one dies.
+                # On probation: the old worker serves on beside the new one
+                # and stops only once the new one has served that long; if
+                # the new one dies first, the old one serves on alone.
                 slot.previous = old
                 slot.retireCall = self._reactor.callLater(probation, self._retire, slot)
             else:
@@ -304,13 +324,16 @@ class MasterService(Service):
         previous, slot.previous = slot.previous, None
         if previous is not None:
             previous.stop(relayTo=lambda: self._handoffTarget(slot))
+        slot.endProbation(None)
 
     def _workerEnded(self, status: str, slot: _Slot, worker: Successor) -> None:
         self._draining.discard(worker)
         if slot.previous is worker:
+            # The old worker is gone anyway: nothing left to fall back on.
             if slot.retireCall is not None and slot.retireCall.active():
                 slot.retireCall.cancel()
             slot.retireCall = slot.previous = None
+            slot.endProbation(None)
         if slot.worker is not worker:
             log.info("Worker pid {pid} exited with {status}", pid=worker.pid, status=status)
             return
@@ -324,14 +347,25 @@ class MasterService(Service):
             slot.retireCall = slot.previous = None
             self._draining.discard(previous)
             slot.worker = previous
+            seconds = round(self._reactor.seconds() - slot.readyAt, 1)
+            # The old worker serves until a replacement has lasted its own
+            # probation; the replacement is started as any respawn is.
+            delay = self._nextDelay(slot)
+            slot.respawnCall = self._reactor.callLater(delay, self._fill, slot)
             log.error(
                 "Worker pid {pid} (slot {slot}) died {seconds}s after ready "
-                "({status}); worker pid {previous} serves on",
+                "({status}); worker pid {previous} serves on, and a "
+                "replacement starts in {delay}s",
                 pid=worker.pid,
                 slot=slot.number,
-                seconds=round(self._reactor.seconds() - slot.readyAt, 1),
+                seconds=seconds,
                 status=status,
                 previous=previous.pid,
+                delay=delay,
+            )
+            slot.endProbation(
+                f"worker pid {worker.pid} (slot {slot.number}) died {seconds}s "
+                f"after ready ({status})"
             )
             return
         if self._reactor.seconds() - slot.readyAt >= STABLE_SECONDS:
@@ -355,20 +389,40 @@ class MasterService(Service):
         for a restart; call L{txgrace.lifecycle.ProcessLifecycle.restart}
         to have the refusals and bookkeeping too).
 
-        @return: A Deferred that fires when the roll is done, or fails with
-            L{SuccessorFailed} (the old workers go on serving).
+        @return: A Deferred that fires when the roll is done (every new
+            worker has lasted the probation), or fails with
+            L{SuccessorFailed}: a new worker failed before it was ready, or
+            died within its probation (the old workers go on serving).
         """
         log.info("Rolling restart of {count} workers", count=len(self._slots))
         return Deferred.fromCoroutine(self._roll())
 
     async def _roll(self) -> None:
+        died: list[str] = []
+        probations: list[Deferred[None]] = []
+
+        def noteDeath(reason: str | None) -> None:
+            if reason is not None:
+                died.append(reason)
+
         try:
             for slot in self._slots:
+                if died:
+                    # A new worker died within its probation: the next
+                    # slots keep their old workers.
+                    raise SuccessorFailed(died[0])
                 worker, started = self._spawn()
                 await started
                 self._serveIn(slot, worker)
                 if self._stopping:
                     return
+                probations.append(self._probationOf(slot).addCallback(noteDeath))
+            for ended in probations:
+                await ended
+            if self._stopping:
+                return
+            if died:
+                raise SuccessorFailed(died[0])
         except SuccessorFailed as e:
             log.error("Rolling restart aborted; the old workers go on serving: {why}", why=e)
             raise
@@ -376,6 +430,17 @@ class MasterService(Service):
             "Rolling restart done: workers {pids}",
             pids=", ".join(str(p) for p in self.workerPids.values()),
         )
+
+    def _probationOf(self, slot: _Slot) -> Deferred[str | None]:
+        """
+        A Deferred that fires when the probation of C{slot}'s new worker
+        ends (see L{_Slot.probationWaiters}); at once if there is none.
+        """
+        if slot.previous is None:
+            return succeed(None)
+        ended: Deferred[str | None] = Deferred()
+        slot.probationWaiters.append(ended)
+        return ended
 
     # Stop
 
@@ -401,6 +466,7 @@ class MasterService(Service):
             if slot.retireCall is not None and slot.retireCall.active():
                 slot.retireCall.cancel()
             slot.retireCall = slot.previous = None
+            slot.endProbation(None)
         for worker in list(self._starting):
             worker.kill("was killed: the master is stopping")
         workers = self._liveWorkers()

@@ -58,7 +58,10 @@ class Settings:
     @ivar probation: Seconds after a handover during which this process
         keeps its copies of the sockets (not accepting), to serve again if
         its successor dies; it keeps them as long as its drain lasts in any
-        case.
+        case.  The default, 5 s, covers a successor that crashes a few
+        seconds into real traffic, which a drain of idle connections
+        (milliseconds) does not.  In master mode: how long an old worker
+        serves on beside the new one that replaced it.
     @ivar handoff: Whether connections between two requests move to the
         successor at a handover (L{txgrace.handoff}) instead of being
         closed.
@@ -72,7 +75,7 @@ class Settings:
     pidFile: str | None = None
     restartSignals: tuple[int, ...] = field(default=DEFAULT_RESTART_SIGNALS)
     shutdownDelay: float = 0.0
-    probation: float = 0.0
+    probation: float = 5.0
     drainRate: float = 500.0
     handoff: bool = True
     idleGrace: float = 5.0

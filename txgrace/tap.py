@@ -246,8 +246,10 @@ class Options(usage.Options):
             None,
             None,
             "Seconds after a handover during which this process keeps its "
-            "copies of the sockets and serves again if its successor dies "
-            "(default 0: as long as its drain lasts).",
+            "copies of the sockets and serves again if its successor dies; "
+            "it keeps them while it drains in any case (default 5; 0: only "
+            "while it drains).  In master mode, how long an old worker "
+            "serves on beside its replacement.",
         ],
         [
             "idle-grace",

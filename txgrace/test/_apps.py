@@ -13,7 +13,9 @@ If the file named by C{$TXGRACE_TEST_FAULT} exists when the module is
 imported, its content makes this process misbehave: C{crash} raises at
 import, C{hang} never becomes ready, C{exit-after-bind} exits with status 3
 once its ports listen but before it is ready, C{exit-after-ready} exits
-with status 4 just after it is ready, C{slow-start} takes 1.5 s to import,
+with status 4 0.3 s after its reactor starts (just after it is ready),
+C{exit-1s-after-ready} exits with status 4 one second after it began to
+serve, C{slow-start} takes 1.5 s to import,
 C{hold-fails} holds its readiness with a Deferred that fails 0.3 s after
 the reactor starts (so it stops without ever serving),
 C{die-mid-handoff} exits with status 9 once it has taken a few connections
@@ -104,6 +106,20 @@ if _FAULT == "die-mid-handoff":
     ControlChannel.lineReceived = _dieAfterAFew
 if _FAULT == "exit-after-ready":
     reactor.callWhenRunning(reactor.callLater, 0.3, os._exit, 4)
+if _FAULT == "exit-1s-after-ready":
+    # A bug that shows under real traffic: status 4, one second after this
+    # process began to serve (its lifecycle's state, once it accepts).
+    from twisted.internet.task import LoopingCall
+
+    from txgrace.lifecycle import SERVING, lifecycleFor
+
+    def _exitOnceServing():
+        if lifecycleFor().state == SERVING:
+            _watch.stop()
+            reactor.callLater(1.0, os._exit, 4)
+
+    _watch = LoopingCall(_exitOnceServing)
+    reactor.callWhenRunning(_watch.start, 0.01)
 
 
 class Sleep(Resource):

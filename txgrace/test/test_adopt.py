@@ -205,6 +205,22 @@ class UNIXPathOwnershipTests(_SocketsMixin, TestCase):
         self.assertTrue(_connectable(self.path))
         other.close()
 
+    async def test_fileDescriptorStoreKeepsPath(self) -> None:
+        """
+        While systemd's fd store keeps a copy of the socket ($FDSTORE), a
+        final stop leaves the path even of a socket this process bound: the
+        next start adopts the stored copy, which clients reach by its path.
+        """
+        self.patch(os, "environ", dict(os.environ, FDSTORE="16", NOTIFY_SOCKET="/run/x"))
+        registry = _registry()
+        port = await self.adopt(registry, "web", socket.AF_UNIX, self.path)
+        self.assertTrue(port.boundHere)
+        await port.stopListening()
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.path).st_mode))
+        held = holdSocket(registry, "held", socket.AF_UNIX, self.path + "2")
+        held.close(final=True)
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.path + "2").st_mode))
+
     def test_heldSocketOwnership(self) -> None:
         """
         A held socket (a master's) removes a path it bound on its final

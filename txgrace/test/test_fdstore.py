@@ -131,6 +131,20 @@ class FakeSystemd:
         self.stored.clear()
 
 
+def _getUNIX(path: str) -> bytes:
+    """
+    The body of C{GET /} from the HTTP server on the UNIX socket C{path}.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(path)
+        client.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return response.partition(b"\r\n\r\n")[2]
+
+
 class FileDescriptorStoreTests(TestCase):
     def setUp(self) -> None:
         self.directory = shortTemporaryDirectory(self)
@@ -196,6 +210,30 @@ class FileDescriptorStoreTests(TestCase):
         """
         self.crashAndRestart("stop")
 
+    def test_unixPathKeptForTheStore(self) -> None:
+        """
+        A C{grace:unix:} socket that the process bound keeps its path on a
+        final stop while the store holds it: after a stop and a start with
+        the stored socket, clients reach the new process by the path.
+        """
+        path = os.path.join(self.directory, "web.sock")
+        arguments = ["--endpoint", f"grace:unix:{path}:name=web", "--app", APP]
+        server = self.systemd.start(arguments)
+        self.addCleanup(server.kill)
+        first = server.waitServing(1)
+        self.assertTrue(self.systemd.waitStored(1))
+        self.assertEqual(_getUNIX(path), f"hello from pid {first.pid}\n".encode())
+        os.kill(first.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0)
+        self.assertTrue(os.path.exists(path))
+        again = self.systemd.start(arguments)
+        self.addCleanup(again.kill)
+        second = again.waitServing(1)
+        again.waitForMessage(r"Adopting inherited fd \d+ \(web\)")
+        self.assertEqual(_getUNIX(path), f"hello from pid {second.pid}\n".encode())
+        os.kill(second.pid, signal.SIGTERM)
+        self.assertEqual(again.wait(30), 0)
+
     def test_droppedPortRemoved(self) -> None:
         """
         A port that a new configuration no longer has is removed from the
@@ -213,6 +251,30 @@ class FileDescriptorStoreTests(TestCase):
             waitUntil(lambda: any("FDSTOREREMOVE=1\nFDNAME=extra" in m for m in self.systemd.messages), 30)
         )
         self.assertEqual(list(self.systemd.stored), ["tcp/127.0.0.1/0"])
+
+    def test_masterDroppedPortRemoved(self) -> None:
+        """
+        Master mode: a port that a new configuration no longer has is
+        removed from the store (FDSTOREREMOVE=1) too, and closed.
+        """
+        extra = "grace:tcp:0:interface=127.0.0.1:name=extra"
+        arguments = ["--workers", "1", "--endpoint", LOCAL, "--app", APP]
+        server = self.systemd.start([*arguments, "--endpoint", extra])
+        self.addCleanup(server.kill)
+        ready = server.waitForMessage(r"Master pid \d+ serving")
+        self.assertTrue(self.systemd.waitStored(2))
+        os.kill(ready["pid"], signal.SIGTERM)
+        self.assertEqual(server.wait(60), 0)
+        again = self.systemd.start(arguments)
+        self.addCleanup(again.kill)
+        again.waitForMessage(r"Master pid \d+ serving")
+        self.assertTrue(
+            waitUntil(lambda: any("FDSTOREREMOVE=1\nFDNAME=extra" in m for m in self.systemd.messages), 30)
+        )
+        self.assertEqual(list(self.systemd.stored), ["tcp/127.0.0.1/0"])
+        again.waitForMessage(r"Closing inherited fd \d+ \(extra\): no endpoint claimed it")
+        os.kill(again.pid, signal.SIGTERM)
+        self.assertEqual(again.wait(60), 0)
 
     def test_masterKillNineRefusesNothing(self) -> None:
         """
@@ -234,9 +296,15 @@ class FileDescriptorStoreTests(TestCase):
         okBefore = load.result.ok
         again = self.systemd.start(arguments)
         self.addCleanup(again.kill)
-        again.waitForMessage(r"Master pid \d+ serving")
+        restarted = again.waitForMessage(r"Master pid \d+ serving")
+        newWorkers = {int(p) for p in restarted["pids"].split(", ")}
         self.assertTrue(waitUntil(lambda: load.result.ok > okBefore + 50, 30))
         result = load.stop()
-        self.assertEqual(result.failures["refused"], 0, result)
+        # The workers drained what they had accepted, and every connection
+        # queued meanwhile was answered by the new workers: not one request
+        # failed in any way (refused, reset, cut short, timed out).
+        self.assertEqual(dict(result.failures), {}, result)
+        self.assertEqual(result.failed, 0, result)
+        self.assertGreater(sum(result.pids[w] for w in newWorkers), 50, result)
         os.kill(again.pid, signal.SIGTERM)
         self.assertEqual(again.wait(60), 0)

@@ -349,12 +349,15 @@ class RestartTests(LifecycleTestCase):
         self.assertTrue(self.registry.handingOver)
         self.assertEqual(self.notified[-1], (f"MAINPID={successor.pid}", "READY=1"))
         self.assertEqual(self.readPidFile(), successor.pid)
-        # The drain begins at once; the sockets stay until it is done.
+        # The drain begins at once; the sockets stay until it is done and
+        # the default probation (5 s) is over.
         [(drain, _)] = self.drains
         self.assertEqual(self.port.stopped, 0)
         self.assertFalse(self.registry.accepting)
         self.assertFalse(self.reactor.hasStopped)
         drain.finish()
+        self.assertFalse(self.reactor.hasStopped)
+        self.reactor.advance(5)
         self.assertTrue(self.reactor.hasStopped)
         status = readRestartStatus(self.pidFile)
         assert status is not None
@@ -649,6 +652,29 @@ class ProbationTests(LifecycleTestCase):
         successor.ended.callback("status 0")
         self.assertEqual(lifecycle.state, HANDED_OVER)
         self.assertEqual(self.readPidFile(), successor.pid)
+
+    def test_defaultProbation(self) -> None:
+        """
+        By default the sockets are kept 5 s after the handover even when the
+        drain ends at once, so a successor that dies 1 s after ready is
+        taken over.
+        """
+        lifecycle, successor = self.handOver()
+        self.drains[0][0].finish()
+        self.reactor.advance(1)
+        self.assertFalse(self.reactor.hasStopped)
+        successor.ended.callback("status 4")
+        self.assertEqual(lifecycle.state, SERVING)
+        self.assertTrue(self.registry.accepting)
+
+    def test_noProbation(self) -> None:
+        """
+        With C{probation=0} the sockets are kept only while the drain lasts.
+        """
+        lifecycle, successor = self.handOver(probation=0)
+        self.assertFalse(self.reactor.hasStopped)
+        self.drains[0][0].finish()
+        self.assertTrue(self.reactor.hasStopped)
 
     def test_probationOutlastsDrain(self) -> None:
         """

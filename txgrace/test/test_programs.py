@@ -960,22 +960,22 @@ class LifecycleProcessTests(TestCase):
 class ProbationProcessTests(TestCase):
     def test_successorDiesAfterReady(self) -> None:
         """
-        Ten successors that die just after they are ready, under load: no
-        connection is refused, the old pid serves again each time, and a
-        good restart then works.
+        Ten successors that die 1 s after they began to serve, under load,
+        with the default probation: no connection is refused, the old pid
+        serves again each time, and a good restart then works.
         """
         directory = shortTemporaryDirectory(self)
         fault = os.path.join(directory, "fault")
         pidFile = os.path.join(directory, "app.pid")
         server = ServerProcess(
             ["--endpoint", LOCAL, "--app", "txgrace.test._apps.site",
-             "--probation", "5", "--pidfile", pidFile],
+             "--pidfile", pidFile],
             env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1)
         with open(fault, "w") as f:
-            f.write("exit-after-ready")
+            f.write("exit-1s-after-ready")
         port = first.port(0)
         load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=20000).start()
         self.addCleanup(load.stop)
@@ -988,6 +988,8 @@ class ProbationProcessTests(TestCase):
                 since=since,
             )
             self.assertNotEqual(event["successor"], first.pid)
+            # The test switch crashes it one second after it began to serve.
+            self.assertGreaterEqual(event["seconds"], 0.9)
             self.assertEqual(readPid(pidFile), first.pid)
         os.unlink(fault)
         since = server.eventCount()
@@ -1008,35 +1010,67 @@ class ProbationProcessTests(TestCase):
 class MasterProbationTests(TestCase):
     def test_newWorkerDiesAfterReady(self) -> None:
         """
-        A roll whose new worker dies right after it is ready keeps the old
-        worker serving (with --probation): the only worker never stops.
+        With the default probation, a roll whose new worker dies 1 s after
+        it is ready keeps the old worker serving (no connection refused),
+        reports the failure, and starts a replacement; once the replacement
+        has lasted its probation the old worker stops, and a later roll
+        works.
         """
         directory = shortTemporaryDirectory(self)
         fault = os.path.join(directory, "fault")
         server = ServerProcess(
-            ["--workers", "1", "--probation", "5", "--endpoint", LOCAL, "--app",
-             "txgrace.test._apps.site"],
+            ["--workers", "1", "--endpoint", LOCAL, "--app", "txgrace.test._apps.site"],
             env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
         )
         self.addCleanup(server.kill)
         old = server.waitServing(1)
         server.waitForMessage(r"Master pid \d+ serving")
+        port = old.port(0)
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=20000).start()
+        self.addCleanup(load.stop)
+        self.assertTrue(waitUntil(lambda: load.result.ok > 50, 30))
         with open(fault, "w") as f:
-            f.write("exit-after-ready")
+            f.write("exit-1s-after-ready")
         since = server.eventCount()
         os.kill(server.pid, signal.SIGHUP)
         died = server.waitForMessage(
             rf"Worker pid \d+ \(slot 1\) died [\d.]+s after ready \(status 4\); "
-            rf"worker pid {old.pid} serves on",
+            rf"worker pid {old.pid} serves on, and a replacement starts in",
             since=since,
         )
-        self.assertNotEqual(died["pid"], old.pid)
-        self.assertTrue(isAlive(old.pid))
-        self.assertEqual(get(old.port(0)), f"hello from pid {old.pid}\n".encode())
+        # The replacement is a good build.
         os.unlink(fault)
+        self.assertNotEqual(died["pid"], old.pid)
+        self.assertGreaterEqual(died["seconds"], 0.9)
+        self.assertTrue(isAlive(old.pid))
+        server.waitForMessage(
+            rf"Rolling restart aborted; the old workers go on serving: worker pid "
+            rf"{died['pid']} \(slot 1\) died",
+            since=since,
+        )
+        server.waitForMessage(r"Restart failed, pid \d+ goes on serving", since=since)
+        replacement = server.waitForMessage(
+            r"Started worker pid", since=server.events.index(died) + 1
+        )["pid"]
+        self.assertTrue(
+            waitUntil(lambda: replacement in [s.pid for s in server.serving()], 30)
+        )
+        # The old worker stops once the replacement has lasted its probation.
+        self.assertTrue(waitUntil(lambda: not isAlive(old.pid), 30))
+        self.assertEqual(get(port), f"hello from pid {replacement}\n".encode())
+        result = load.stop()
+        # Only what the dead worker had accepted died with it.
+        self.assertEqual(result.failures["refused"], 0, result)
+        self.assertLessEqual(result.failed, 4, result)
+        self.assertGreater(result.pids[old.pid], 0)
+        self.assertGreater(result.pids[replacement], 0)
+        since = server.eventCount()
+        os.kill(server.pid, signal.SIGHUP)
+        done = server.waitForMessage(r"Rolling restart done", 60, since)
+        self.assertNotEqual(int(done["pids"]), replacement)
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(60), 0)
-        self.assertTrue(waitUntil(lambda: not isAlive(old.pid), 30))
+        self.assertTrue(waitUntil(lambda: not isAlive(replacement), 30))
 
 
 class MasterLifecycleTests(TestCase):
