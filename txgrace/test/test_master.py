@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -18,7 +19,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 from txgrace.master import zombieChildren
 from txgrace.test.test_process import APP, LOCAL, _Background
 from txgrace.test.test_restart import get
-from txgrace.testing import HTTPLoad, ServerProcess, isAlive, slowRequest, waitUntil
+from txgrace.testing import (
+    HTTPLoad,
+    PacedClient,
+    ServerProcess,
+    isAlive,
+    slowRequest,
+    waitUntil,
+)
 
 
 def _servedBy(body: bytes) -> int:
@@ -97,6 +105,35 @@ class RollingRestartTests(_MasterMixin, TestCase):
         server.signal(signal.SIGTERM)
         self.assertEqual(server.wait(60), 0)
         self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in seen), 30))
+
+    def test_connectionsMoveAcrossRolls(self) -> None:
+        """
+        10 rolls with keep-alive clients sending every 0.3 and 1.1 s: each
+        keeps its one TCP connection throughout (a retiring worker passes it
+        to a worker that stays, through the master), with no failed request
+        and no C{Connection: close}; the newest workers answer them.
+        """
+        server, port, workers = self.startMaster("--probation", "0.5")
+        clients = [PacedClient("127.0.0.1", port, interval).start() for interval in (0.3, 1.1)]
+        try:
+            for _ in range(10):
+                new = self.roll(server)
+            time.sleep(1.5)
+        finally:
+            for client in clients:
+                client.stop()
+        for client in clients:
+            self.assertEqual(client.failures, [])
+            self.assertEqual(len(client.localPorts), 1)
+            self.assertEqual(client.closes, 0)
+            self.assertIn(client.pids[-1], new)
+        # Each roll retired two workers, and at least one of them had a
+        # client's connection to pass on.
+        handedOff = [
+            e for e in server.events
+            if e.get("log_format", "").startswith("Drained") and e.get("handedOff")
+        ]
+        self.assertGreaterEqual(len(handedOff), 10)
 
     def test_slowRequestAcrossRoll(self) -> None:
         """
