@@ -156,6 +156,21 @@ def _closeAfterLastReceived(channel: HTTPChannel) -> Callable[[Any, bytes], bool
     return checkPersistence
 
 
+def requestsInFlight(connections: Any) -> int:
+    """
+    How many HTTP requests (HTTP/1.1 requests received and not yet
+    answered, HTTP/2 streams) C{connections} carry now.
+    """
+    count = 0
+    for connection in connections:
+        protocol = applicationProtocol(connection)
+        if isinstance(protocol, HTTPChannel):
+            count += len(protocol.requests)
+        elif _isH2(protocol):
+            count += len(protocol.streams)
+    return count
+
+
 def _isH2(protocol: Any) -> bool:
     h2 = h2ConnectionClass()
     return h2 is not None and isinstance(protocol, h2)

@@ -54,7 +54,7 @@ import os
 import socket
 from base64 import b64decode, b64encode
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
@@ -286,11 +286,15 @@ class HandoffRelay:
     @param upstream: The retiring worker's channel transport, to answer on.
     @param target: Returns the sender of the worker to pass them to, or
         L{None} if none takes them.
+    @param took: Called for each connection a worker took.
     """
 
-    def __init__(self, upstream: Any, target: Any) -> None:
+    def __init__(
+        self, upstream: Any, target: Any, took: Callable[[], None] | None = None
+    ) -> None:
         self._upstream = upstream
         self._target = target
+        self._took = took
         self._descriptors: deque[int] = deque()
 
     def descriptorReceived(self, fd: int) -> None:
@@ -326,6 +330,8 @@ class HandoffRelay:
         def answered(why: bytes | None) -> None:
             os.close(fd)
             if why is None:
+                if self._took is not None:
+                    self._took()
                 self._answer(b"%s %s" % (TOOK, ident))
             else:
                 self._answer(b"%s %s %s" % (REFUSED, ident, why))

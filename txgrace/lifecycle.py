@@ -51,8 +51,9 @@ from zope.interface import Interface
 
 from txgrace import sdnotify
 from txgrace.adopt import SocketRegistry, registry as processRegistry, stopListening
-from txgrace.drain import Drain, DrainResult, drainConnections
+from txgrace.drain import Drain, DrainResult, drainConnections, requestsInFlight
 from txgrace.handoff import HandoffReceiver, HandoffSender
+from txgrace.report import ListenCounters, RestartReport, listenCounters
 from txgrace.pidfile import (
     removePidFile,
     removeRestartStatus,
@@ -63,6 +64,7 @@ from txgrace.restart import (
     GO_TIMEOUT,
     ControlChannel,
     Successor,
+    SuccessorFailed,
     adoptControlChannel,
     generation,
     successorCommand,
@@ -261,6 +263,9 @@ class ProcessLifecycle:
         self.stopBegun = False
         self._draining = False
         self._drainingWaiters: list[Deferred[None]] = []
+        self._restartBegan: tuple[float, ListenCounters | None] = (0.0, None)
+        self._handedOver: tuple[int, float, int] | None = None
+        self._reportWaiters: list[Deferred[RestartReport]] = []
 
     # Settings
 
@@ -787,6 +792,12 @@ class ProcessLifecycle:
         self.stopBegun = False
         self._draining = False
         self.state = SERVING
+        self._handedOver = None
+        waiters, self._reportWaiters = self._reportWaiters, []
+        for waiter in waiters:
+            waiter.errback(
+                SuccessorFailed(f"successor pid {pid} died after it was ready ({status})")
+            )
         self._registry.handingOver = False
         self._registry.resumeAccepting()
         pidNow = os.getpid()
@@ -803,7 +814,39 @@ class ProcessLifecycle:
             pid=os.getpid(),
         )
 
+    def whenRestarted(self) -> Deferred[RestartReport]:
+        """
+        A Deferred that fires with the L{RestartReport} of the restart in
+        progress once this process's part is over (its drain and probation;
+        in master mode, the roll), or fails with
+        L{txgrace.restart.SuccessorFailed} if the successor died first.
+        """
+        waiter: Deferred[RestartReport] = Deferred()
+        self._reportWaiters.append(waiter)
+        return waiter
+
+    def _report(self, successor: int, readyAt: float, inFlight: int, result: DrainResult) -> None:
+        began, before = self._restartBegan
+        report = RestartReport(
+            oldPid=os.getpid(),
+            successor=successor,
+            handedOff=result.handedOff,
+            drained=result.opened - result.handedOff - result.aborted,
+            aborted=result.aborted,
+            requestsInFlight=inFlight,
+            triggerToReady=readyAt - began,
+            readyToExit=self._reactor.seconds() - readyAt,
+            before=before,
+            after=listenCounters(),
+        ).logged()
+        waiters, self._reportWaiters = self._reportWaiters, []
+        for waiter in waiters:
+            waiter.callback(report)
+
     def _drained(self, result: DrainResult, exiting: bool) -> DrainResult:
+        if self.state == HANDED_OVER and self._handedOver is not None:
+            (successor, readyAt, inFlight), self._handedOver = self._handedOver, None
+            self._report(successor, readyAt, inFlight, result)
         self.lastDrain = result
         self._drain = None
         if result.aborted:
@@ -858,6 +901,7 @@ class ProcessLifecycle:
             after a failure this process goes on serving.
         """
         asked = time.time()
+        self._restartBegan = (self._reactor.seconds(), listenCounters())
         refusal = {
             STARTING: "this process is not ready yet",
             RESTARTING: (
@@ -932,6 +976,13 @@ class ProcessLifecycle:
             self.state = SERVING
             self._notify("READY=1")
         self._recordRestart(asked, "ready", successor=os.getpid())
+        handedOff = getattr(self.workers, "handedOff", 0)
+        self._report(
+            os.getpid(),
+            self._reactor.seconds(),
+            0,
+            DrainResult(opened=handedOff, aborted=0, seconds=0.0, handedOff=handedOff),
+        )
         return os.getpid()
 
     def _handOver(self, pid: int, asked: float) -> int:
@@ -945,6 +996,7 @@ class ProcessLifecycle:
         )
         self.state = HANDED_OVER
         self._registry.handingOver = True
+        self._handedOver = (pid, self._reactor.seconds(), requestsInFlight(self._registry.connections))
         self._notify(f"MAINPID={pid}", "READY=1")
         self._writePidFile(pid)
         self._recordRestart(asked, "ready", successor=pid)

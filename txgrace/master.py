@@ -142,6 +142,7 @@ class MasterService(Service):
         self._command = command
         self._sockets: list[HeldSocket] = []
         self._draining: set[Successor] = set()
+        self._relayed = 0
         self._starting: set[Successor] = set()
         self._stopping = False
         self._everReady = False
@@ -297,7 +298,18 @@ class MasterService(Service):
                 slot.previous = old
                 slot.retireCall = self._reactor.callLater(probation, self._retire, slot)
             else:
-                old.stop(relayTo=lambda: self._handoffTarget(slot))
+                old.stop(relayTo=lambda: self._handoffTarget(slot), relayed=self._countRelayed)
+
+    @property
+    def handedOff(self) -> int:
+        """
+        How many connections retiring workers passed on to the workers that
+        stay, through this master.
+        """
+        return self._relayed
+
+    def _countRelayed(self) -> None:
+        self._relayed += 1
 
     def _handoffTarget(self, slot: _Slot) -> Any:
         """
@@ -323,7 +335,7 @@ class MasterService(Service):
         slot.retireCall = None
         previous, slot.previous = slot.previous, None
         if previous is not None:
-            previous.stop(relayTo=lambda: self._handoffTarget(slot))
+            previous.stop(relayTo=lambda: self._handoffTarget(slot), relayed=self._countRelayed)
         slot.endProbation(None)
 
     def _workerEnded(self, status: str, slot: _Slot, worker: Successor) -> None:

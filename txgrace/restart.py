@@ -315,7 +315,11 @@ class Successor:
         except (ProcessExitedAlready, AttributeError):
             pass
 
-    def stop(self, relayTo: Callable[[], HandoffSender | None] | None = None) -> None:
+    def stop(
+        self,
+        relayTo: Callable[[], HandoffSender | None] | None = None,
+        relayed: Callable[[], None] | None = None,
+    ) -> None:
         """
         Ask a worker to drain and exit.
 
@@ -323,10 +327,11 @@ class Successor:
             returns the sender of a worker that stays (or L{None} when none
             does), asked for each connection.  Only a worker that takes
             connections passes its own.
+        @param relayed: Called for each connection passed on.
         """
         transport = self._control.transport if self._control is not None else None
         if relayTo is not None and self.offersHandoff and transport is not None:
-            self.relay = HandoffRelay(transport, relayTo)
+            self.relay = HandoffRelay(transport, relayTo, relayed)
             self._send(STOP + b" " + HANDOFF)
         else:
             self._send(STOP)

@@ -21,6 +21,7 @@ from txgrace.adopt import SocketRegistry, registry as processRegistry
 from txgrace.drain import DrainResult
 from txgrace.lifecycle import RestartRefused, describePort, lifecycleFor
 from txgrace.settings import DEFAULT_RESTART_SIGNALS, SettingError
+from txgrace.report import RestartReport
 
 __all__ = [
     "DEFAULT_RESTART_SIGNALS",
@@ -165,12 +166,19 @@ class GraceService(MultiService):
         except SettingError as e:
             raise SystemExit(f"txgrace: error: {e}") from None
 
-    def restart(self) -> Deferred[int]:
+    def restart(self) -> Deferred[RestartReport]:
         """
         Start a successor and hand over to it once it is ready; see
         L{txgrace.lifecycle.ProcessLifecycle.restart}.
+
+        @return: A Deferred that fires with the L{RestartReport} once this
+            process's part is over (the successor serves, this process has
+            drained and is about to exit), or fails with
+            L{txgrace.RestartRefused} or L{txgrace.restart.SuccessorFailed}
+            (this process goes on serving).
         """
-        return self.lifecycle.restart()
+        lifecycle = self.lifecycle
+        return lifecycle.restart().addCallback(lambda pid: lifecycle.whenRestarted())
 
     def hammer(self) -> None:
         """

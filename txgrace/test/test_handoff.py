@@ -376,6 +376,15 @@ class HandoffProcessTests(TestCase):
         self.assertTrue(text.endswith(f"streamed from pid {serving.pid}\n".encode()))
 
         self.assertTrue(waitUntil(lambda: not isAlive(serving.pid), 30))
+        report = server.waitForMessage("Restart report", since=since)
+        self.assertEqual(
+            (report["oldPid"], report["successor"], report["handedOff"], report["drained"]),
+            (serving.pid, successor.pid, 4, 0),
+        )
+        # The body, the sleep (the pipelined ones behind it are not parsed
+        # yet) and the stream.
+        self.assertEqual(report["requestsInFlight"], 3)
+        self.assertIsInstance(report["listenDropped"], int)
         partial.sendall(b"TP/1.1\r\nHost: x\r\n\r\n")
         for skt in (partial, body, pipelined, streamed):
             if skt is not partial:
