@@ -414,6 +414,10 @@ class HandoffReceiver:
         return b"%s %s" % (TOOK, ident)
 
     def _serve(self, fd: int, key: str, state: bytes) -> str | None:
+        if not self._registry.accepting:
+            # Handed over or stopping itself: its own drain has begun.
+            os.close(fd)
+            return "this process no longer serves"
         port = self._registry.ports.get(key)
         if port is None or not getattr(port, "connected", False):
             os.close(fd)
