@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import time
+from base64 import b64encode
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -19,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from txgrace.drain import IDLE_GRACE_SECONDS, DrainResult
-from txgrace.handoff import HTTPChannelHandoff, handoffFor, readyToMove
+from txgrace.handoff import HandoffReceiver, HTTPChannelHandoff, handoffFor, readyToMove
 from txgrace.interfaces import IHandoff
 from txgrace.test.test_drain import (
     REQUEST,
@@ -542,3 +543,54 @@ class HandoffProcessTests(TestCase):
             slowRequest(HOST, serving.port(), "/", timeout=15),
             (200, f"hello from pid {oldPid}\n".encode()),
         )
+
+
+class ReceiverTests(SynchronousTestCase):
+    """
+    L{HandoffReceiver} refuses what it cannot serve, and closes its copy of
+    the descriptor (never the connection: the sender still holds it).
+    """
+
+    def setUp(self) -> None:
+        from txgrace.adopt import SocketRegistry
+
+        self.registry = SocketRegistry(inherit=lambda: [])
+        self.receiver = HandoffReceiver(self.registry)
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+
+    def send(self, line: bytes) -> tuple[bytes, int]:
+        fd = os.dup(self.theirs.fileno())
+        self.receiver.descriptorReceived(fd)
+        return self.receiver.connectionReceived(line), fd
+
+    def assertClosed(self, fd: int) -> None:
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
+    def test_noSuchPort(self) -> None:
+        answer, fd = self.send(b"CONN 3 - " + b64encode(b"tcp/*/1"))
+        self.assertEqual(answer, b"REFUSED 3 no port 'tcp/*/1' here")
+        self.assertClosed(fd)
+        # The connection itself lives on.
+        self.theirs.sendall(b"x")
+        self.assertEqual(self.ours.recv(1), b"x")
+
+    def test_notServing(self) -> None:
+        self.registry.accepting = False
+        answer, fd = self.send(b"CONN 4 - " + b64encode(b"tcp/*/1"))
+        self.assertEqual(answer, b"REFUSED 4 this process no longer serves")
+        self.assertClosed(fd)
+
+    def test_malformed(self) -> None:
+        answer, fd = self.send(b"CONN 5 !!! ???")
+        self.assertEqual(answer, b"REFUSED 5 malformed")
+        self.assertClosed(fd)
+
+    def test_noDescriptor(self) -> None:
+        self.assertEqual(
+            self.receiver.connectionReceived(b"CONN 6 - -"),
+            b"REFUSED 6 no descriptor came with it",
+        )
+        self.assertEqual(self.receiver.resumed, 0)
