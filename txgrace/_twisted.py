@@ -247,13 +247,14 @@ def forgetConnection(transport: Any, reason: Any) -> None:
     transport.connectionLost(reason)
 
 
-def serveAcceptedSocket(port: Any, skt: Any, address: Any) -> Any:
+def acceptedTransport(port: Any, skt: Any, address: Any) -> tuple[Any, Any] | None:
     """
-    Serve C{skt}, a connected socket of C{port}'s kind, as if C{port} had
-    just accepted it: its factory's protocol on its transport class.
+    Make the protocol and transport for C{skt}, a connected socket of
+    C{port}'s kind, as if C{port} had just accepted it; connecting them
+    (C{protocol.makeConnection(transport)}) is left to the caller.
 
-    @return: The transport, or L{None} if the factory refused the
-        connection (C{skt} is then closed).
+    @return: The protocol and the transport, or L{None} if the factory
+        refused the connection (C{skt} is then closed).
     """
     # Port._buildAddr (tcp and unix) and the steps of Port.doRead after
     # accept(): there is no public way to give a port a socket it did not
@@ -264,9 +265,7 @@ def serveAcceptedSocket(port: Any, skt: Any, address: Any) -> Any:
         return None
     sessionno = port.sessionno
     port.sessionno = sessionno + 1
-    transport = port.transport(skt, protocol, address, port, sessionno, port.reactor)
-    protocol.makeConnection(transport)
-    return transport
+    return protocol, port.transport(skt, protocol, address, port, sessionno, port.reactor)
 
 
 # -- Public-named internals -------------------------------------------------

@@ -69,7 +69,7 @@ from txgrace._twisted import (
     forgetConnection,
     httpChannelAtRest,
     pendingWriteBytes,
-    serveAcceptedSocket,
+    acceptedTransport,
     unparsedBytes,
 )
 from txgrace.drain import applicationProtocol
@@ -431,13 +431,28 @@ class HandoffReceiver:
             skt.close()
             return f"not connected ({e.strerror})"
         skt.setblocking(False)
-        transport = serveAcceptedSocket(port, skt, address)
-        if transport is None:
+        try:
+            made = acceptedTransport(port, skt, address)
+        except Exception as e:
+            log.failure("Building a protocol for a connection on {key!r} failed", key=key)
+            skt.close()
+            return f"building its protocol raised {type(e).__name__}"
+        if made is None:
             return "the factory refused it"
-        handoff = IHandoff(applicationProtocol(transport), None)
-        if handoff is None:
-            # The new build serves another protocol on this port.
-            forgetConnection(transport, Failure(ConnectionHandedOff()))
-            return "its protocol here does not take handoffs"
-        handoff.resumeHandoff(state)
+        protocol, transport = made
+        try:
+            protocol.makeConnection(transport)
+            handoff = IHandoff(applicationProtocol(transport), None)
+            if handoff is None:
+                # The new build serves another protocol on this port.
+                forgetConnection(transport, Failure(ConnectionHandedOff()))
+                return "its protocol here does not take handoffs"
+            handoff.resumeHandoff(state)
+        except Exception as e:
+            # Nothing was read here yet (no reactor turn since the transport
+            # was made): the old process keeps the connection.
+            log.failure("Resuming a connection on {key!r} failed", key=key)
+            if not transport.disconnected:
+                forgetConnection(transport, Failure(ConnectionHandedOff()))
+            return f"resuming it raised {type(e).__name__}"
         return None

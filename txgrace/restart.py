@@ -497,6 +497,8 @@ class ControlChannel(LineOnlyReceiver):
     def lineReceived(self, line: bytes) -> None:
         if line.startswith(CONN + b" "):
             if self._handoff is not None:
+                # HandoffReceiver answers for every connection, whatever
+                # the application's protocol does.
                 self.sendLine(self._handoff.connectionReceived(line))
             else:
                 ident = line.split(b" ")[1:2] or [b"?"]

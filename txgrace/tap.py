@@ -275,17 +275,11 @@ class Options(usage.Options):
         self["handoff"] = None
 
     def opt_handoff(self) -> None:
-        """
-        At a restart, move each connection that is between two requests to
-        the successor instead of closing it (the default).
-        """
+        """Move connections between requests to the successor (default)."""
         self["handoff"] = True
 
     def opt_no_handoff(self) -> None:
-        """
-        At a restart, close idle connections instead of moving them to the
-        successor.
-        """
+        """Drain idle connections at a restart instead of moving them."""
         self["handoff"] = False
 
     def getSynopsis(self) -> str:

@@ -16,8 +16,10 @@ from base64 import b64encode
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from txgrace.drain import IDLE_GRACE_SECONDS, DrainResult
 from txgrace.handoff import HandoffReceiver, HTTPChannelHandoff, handoffFor, readyToMove
@@ -594,3 +596,51 @@ class ReceiverTests(SynchronousTestCase):
             b"REFUSED 6 no descriptor came with it",
         )
         self.assertEqual(self.receiver.resumed, 0)
+
+
+@implementer(IHandoff)
+class _ResumeRaises(Protocol):
+    def handoffState(self) -> bytes | None:
+        return b""
+
+    def resumeHandoff(self, state: bytes) -> None:
+        raise RuntimeError("cannot resume")
+
+
+class ReceiverServesTests(TestCase):
+    """
+    L{HandoffReceiver} with a real port on the reactor.
+    """
+
+    async def test_resumeRaises(self) -> None:
+        """
+        An application protocol whose C{resumeHandoff} raises: the
+        connection is refused, so the old process keeps it, and this
+        process has let go of it before reading a byte.
+        """
+        from twisted.internet import reactor
+
+        from txgrace.adopt import SocketRegistry, adoptPort
+
+        registry = SocketRegistry(inherit=lambda: [])
+        port = adoptPort(
+            reactor, registry, "tcp/127.0.0.1/0", socket.AF_INET, ("127.0.0.1", 0),
+            Factory.forProtocol(_ResumeRaises),
+        )
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        # Take the connection off the port's queue by hand: this test is the
+        # old process that holds it.
+        port.stopReading()
+        held, _ = port.socket.accept()
+        self.addCleanup(held.close)
+        receiver = HandoffReceiver(registry)
+        receiver.descriptorReceived(os.dup(held.fileno()))
+        answer = receiver.connectionReceived(b"CONN 9 - " + b64encode(port.key.encode()))
+        self.assertEqual(answer, b"REFUSED 9 resuming it raised RuntimeError")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(registry.connections, set())
+        client.sendall(b"still here")
+        held.settimeout(5)
+        self.assertEqual(held.recv(100), b"still here")
