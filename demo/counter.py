@@ -42,8 +42,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgrace import IDrainable
-from txgrace.interfaces import IHandoff
+from txgrace import IDrainable, IHandoff
 
 MAX_LINE = 16384
 """
