@@ -11,13 +11,14 @@ timeouts, the pidfile and the signals; L{GraceService} is a convenience.
 # First, so that it sees LISTEN_* before Twisted's systemd: parser removes them.
 from txgrace import inherit as _inherit  # noqa: F401  # isort: skip
 from txgrace._version import __version__
-from txgrace.interfaces import IDrainable
+from txgrace.interfaces import IDrainable, IHandoff
 from txgrace.lifecycle import RestartRefused, configure, whenDraining
 from txgrace.service import GraceService, holdReadiness
 
 __all__ = [
     "GraceService",
     "IDrainable",
+    "IHandoff",
     "RestartRefused",
     "configure",
     "holdReadiness",

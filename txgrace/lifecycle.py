@@ -1163,7 +1163,7 @@ def configure(**settings: Any) -> None:
     """
     Configure this process's lifecycle from code: C{hammerTimeout},
     C{readyTimeout}, C{pidFile}, C{restartSignals}, C{shutdownDelay},
-    C{probation}, C{drainRate}.
+    C{probation}, C{drainRate}, C{handoff}, C{idleGrace}.
     These override the C{TXGRACE_*} environment variables.
 
     @raise txgrace.settings.SettingError: For an unknown setting or a bad

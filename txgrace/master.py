@@ -120,6 +120,8 @@ class MasterService(Service):
         command: Sequence[str] | None = None,
         drainRate: float | None = None,
         probation: float | None = None,
+        handoff: bool | None = None,
+        idleGrace: float | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -136,6 +138,8 @@ class MasterService(Service):
             shutdownDelay=shutdownDelay,
             drainRate=drainRate,
             probation=probation,
+            handoff=handoff,
+            idleGrace=idleGrace,
         )
         self._descriptions = list(endpoints)
         self._slots = [_Slot(n) for n in range(1, workers + 1)]

@@ -81,6 +81,10 @@ class GraceService(MultiService):
     @param probation: Seconds after a handover during which this process
         keeps its copies of the sockets and serves again if its successor
         dies (it keeps them as long as its drain lasts in any case).
+    @param handoff: Whether connections between two requests move to the
+        successor at a restart (L{txgrace.handoff}); C{False} drains them.
+    @param idleGrace: Seconds a drain keeps an idle HTTP/1.1 connection
+        that cannot move.
     @param installSignalHandlers: C{False} leaves signals alone (tests).
     @raise txgrace.settings.SettingError: For a bad value, naming it.
     """
@@ -97,6 +101,8 @@ class GraceService(MultiService):
         shutdownDelay: float | None = None,
         drainRate: float | None = None,
         probation: float | None = None,
+        handoff: bool | None = None,
+        idleGrace: float | None = None,
     ) -> None:
         MultiService.__init__(self)
         if reactor is None:
@@ -113,6 +119,8 @@ class GraceService(MultiService):
             shutdownDelay=shutdownDelay,
             drainRate=drainRate,
             probation=probation,
+            handoff=handoff,
+            idleGrace=idleGrace,
         )
         if not installSignalHandlers:
             self.lifecycle.installSignalHandlers = False
