@@ -25,6 +25,9 @@ Tests write it to make a successor fail.
   POST /body              answers "got N bytes from pid N" once the whole
                           body (Content-Length) has arrived
   /stream?duration=S      a chunked response, a chunk every 0.1 s for S s
+  /peer?duration=S        "peer PORT from pid N", PORT the client's port on
+                          this connection (for a proxy, its upstream
+                          connection), after S s (default 0)
 """
 
 import os
@@ -170,6 +173,25 @@ class Stream(Resource):
         return NOT_DONE_YET
 
 
+class Peer(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        duration = float((request.args.get(b"duration") or [b"0"])[0])
+        port = request.transport.getPeer().port
+
+        def answer():
+            request.write(f"peer {port} from pid {os.getpid()}\n".encode())
+            request.finish()
+
+        if duration <= 0:
+            answer()
+            return NOT_DONE_YET
+        call = deferLater(reactor, duration, answer)
+        request.notifyFinish().addErrback(lambda _: call.cancel())
+        return NOT_DONE_YET
+
+
 class Forever(Resource):
     isLeaf = True
 
@@ -220,6 +242,7 @@ root.putChild(b"spawn", Spawn())
 root.putChild(b"orphan", Orphan())
 root.putChild(b"body", Body())
 root.putChild(b"stream", Stream())
+root.putChild(b"peer", Peer())
 site = Site(root)
 
 
