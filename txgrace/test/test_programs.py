@@ -204,7 +204,7 @@ class ProgramTestsMixin:
         port = first.port(0)
         slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
         server.waitForMessage(r"sleeping 2")
-        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=2000).start()
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=200_000).start()
         test.addCleanup(load.stop)
         os.kill(first.pid, signal.SIGHUP)
         second = server.waitServing(2)
@@ -264,7 +264,8 @@ class TwistWebTests(ProgramTestsMixin, TestCase):
         )
         current = server.waitServing(1)
         port = current.port(0)
-        load = HTTPLoad("127.0.0.1", port, clients=6, maxRequests=20000).start()
+        # Bounded by count, far above what the restarts take (the test stops it).
+        load = HTTPLoad("127.0.0.1", port, clients=6, maxRequests=1_000_000).start()
         self.addCleanup(load.stop)
         pids = [current.pid]
         for generation in range(2, 12):
@@ -389,7 +390,7 @@ class TwistdDaemonTests(TestCase):
         port, first = int(match.group(1)), int(match.group(2))
         pids.append(first)
         self.assertEqual(readPid(pidFile), first)
-        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=2000).start()
+        load = HTTPLoad("127.0.0.1", port, clients=4, maxRequests=200_000).start()
         self.addCleanup(load.stop)
         slow = _Background(slowRequest, "127.0.0.1", port, "/sleep?duration=2")
         waitForLine(logFile, r"sleeping 2")
