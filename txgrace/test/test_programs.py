@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from txgrace.test import defaultEnvironment
 from txgrace.test.test_process import _Background, shortTemporaryDirectory
 from txgrace.testing import (
     HTTPLoad,
@@ -971,7 +972,7 @@ class ProbationProcessTests(TestCase):
         server = ServerProcess(
             ["--endpoint", LOCAL, "--app", "txgrace.test._apps.site",
              "--pidfile", pidFile],
-            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+            env=defaultEnvironment(TXGRACE_TEST_FAULT=fault),
         )
         self.addCleanup(server.kill)
         first = server.waitServing(1)
@@ -1021,7 +1022,7 @@ class MasterProbationTests(TestCase):
         fault = os.path.join(directory, "fault")
         server = ServerProcess(
             ["--workers", "1", "--endpoint", LOCAL, "--app", "txgrace.test._apps.site"],
-            env=dict(os.environ, TXGRACE_TEST_FAULT=fault),
+            env=defaultEnvironment(TXGRACE_TEST_FAULT=fault),
         )
         self.addCleanup(server.kill)
         old = server.waitServing(1)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txgrace.drain import DrainResult
 from txgrace.report import ListenCounters, RestartReport, listenCounters
 from txgrace.restart import SuccessorFailed
-from txgrace.test.test_lifecycle import FakeSuccessor, LifecycleTestCase, shutDown
+from txgrace.test.test_lifecycle import FakeSuccessor, LifecycleTestCase
 
 NETSTAT = """\
 TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops TCPHPHits
@@ -80,7 +80,9 @@ class LifecycleReportTests(LifecycleTestCase):
         drain.done.callback(DrainResult(10, 1, 0.5, handedOff=7))
         self.reactor.advance(1)
         self.assertTrue(self.reactor.hasStopped)
-        shutDown(self.reactor)
+        # What the reactor's shutdown does, without its exit (a timer that
+        # would end this test process after a hammer).
+        lifecycle.shutdown(exiting=False)
         report = self.successResultOf(reported)
         self.assertEqual(
             (report.oldPid, report.successor, report.handedOff, report.drained, report.aborted),
