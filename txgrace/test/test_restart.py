@@ -125,12 +125,14 @@ class RestartTests(TestCase):
         """
         fault = os.path.abspath(self.mktemp())
         env = dict(os.environ, TXGRACE_TEST_FAULT=fault)
-        server, serving = startServer(self, "--ready-timeout", "2", env=env)
+        # Long enough for the good successor that follows to start on a
+        # loaded machine.
+        server, serving = startServer(self, "--ready-timeout", "5", env=env)
         with open(fault, "w") as f:
             f.write("hang")
         server.signal(signal.SIGHUP)
         started = server.waitForMessage("Started successor pid")
-        server.waitForMessage("was not ready within 2s and was killed")
+        server.waitForMessage("was not ready within 5s and was killed")
         self.assertTrue(waitUntil(lambda: not isAlive(started["pid"]), 10))
         self.assertIn(f"pid {serving.pid}".encode(), get(serving.port()))
         os.unlink(fault)
