@@ -9,8 +9,12 @@ L{defaultEnvironment}.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TXGRACE_PROBATION", "0")
+if "twisted.trial.runner" in sys.modules:
+    # In the test runner only (its servers inherit it), not in a server
+    # that imports the test apps from this package.
+    os.environ.setdefault("TXGRACE_PROBATION", "0")
 
 
 def defaultEnvironment(**variables: str) -> dict[str, str]:
