@@ -80,6 +80,12 @@ How soon, and at most how long after, a drain looks again at a busy
 connection that is to move to the successor: the wait doubles each time.
 """
 
+FLUSH_POLL_SECONDS = 0.002
+"""
+How often a drain looks whether the last response of a connection that is
+to move is all in the kernel.
+"""
+
 PACE_INTERVAL_SECONDS = 0.05
 """
 How often a paced drain releases its next batch of long-lived connections.
@@ -205,6 +211,9 @@ class Drain:
         self._hammerTimeout = hammerTimeout
         self._idleGrace = idleGrace
         self._drainingHTTP: set[Any] = set()
+        self._watched: set[Any] = set()
+        self._held: set[Any] = set()
+        self._moved: set[Any] = set()
         self._done: Deferred[DrainResult] = Deferred()
         self._started = 0.0
         self._opened = 0
@@ -277,6 +286,11 @@ class Drain:
         for call in self._calls:
             if call.active():
                 call.cancel()
+        # Those held back to move, and not sent, are read again here.
+        for connection in self._held:
+            if connection in self._connections and not getattr(connection, "disconnected", False):
+                connection.startReading()
+        self._held.clear()
 
     def _later(
         self, delay: float, connection: Any, f: Callable[..., Any], *args: Any
@@ -325,13 +339,34 @@ class Drain:
         """
         if connection not in self._connections or self._finished:
             return
+        if connection in self._moved:
+            return  # Told it came to rest, and looked again on a timer too.
         state = self._handoff.readyToMove(connection, handoff)
         if state is None:
+            if connection not in self._watched:
+                self._watched.add(connection)
+                notifyAtRest = getattr(handoff, "notifyAtRest", None)
+                if notifyAtRest is not None:
+                    notifyAtRest(
+                        lambda: self._guarded(
+                            connection, self._move, connection, handoff, MOVE_POLL_SECONDS[0]
+                        )
+                    )
             self._later(
                 wait, connection, self._move, connection, handoff,
                 min(wait * 2, MOVE_POLL_SECONDS[1]),
             )
             return
+        if not self._handoff.flushed(connection):
+            # At rest, but its last response is not all in the kernel yet:
+            # read nothing more (what the client sends next waits in the
+            # kernel), and move it once the response is out.
+            connection.stopReading()
+            self._held.add(connection)
+            self._later(FLUSH_POLL_SECONDS, connection, self._move, connection, handoff, wait)
+            return
+        self._moved.add(connection)
+        self._held.discard(connection)
 
         def moved(took: bool) -> None:
             if not took and connection in self._connections:

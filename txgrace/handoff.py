@@ -108,6 +108,22 @@ class HTTPChannelHandoff:
             return None
         return unparsedBytes(self._http)
 
+    def notifyAtRest(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} each time the channel comes to rest after a
+        request, so that a client that sends its next request the moment a
+        response arrives is not missed between two looks.
+        """
+        channel = self._http
+        requestDone = channel.requestDone
+
+        def requestDoneThenTell(request: Any) -> None:
+            requestDone(request)
+            if httpChannelAtRest(channel):
+                callback()
+
+        channel.requestDone = requestDoneThenTell  # type: ignore[method-assign]
+
     def resumeHandoff(self, state: bytes) -> None:
         if state:
             # Through the transport's protocol: Twisted's HTTP/1.1-or-2
@@ -142,15 +158,19 @@ def handoffFor(connection: Any) -> IHandoff | None:
 
 def readyToMove(connection: Any, handoff: IHandoff) -> bytes | None:
     """
-    The state to move C{connection} with now, or L{None} while it is busy:
-    its protocol is not at rest, or its last response is not all in the
-    kernel yet.
+    The state to move C{connection} with, or L{None} while it is busy (its
+    protocol is not at rest).  It moves once L{flushed} too.
     """
     if not connection.connected or connection.disconnecting:
         return None
-    if pendingWriteBytes(connection):
-        return None
     return handoff.handoffState()
+
+
+def flushed(connection: Any) -> bool:
+    """
+    Whether everything written to C{connection} is in the kernel.
+    """
+    return not pendingWriteBytes(connection)
 
 
 def _b64(data: bytes) -> bytes:
@@ -183,6 +203,7 @@ class HandoffSender:
 
     handoffFor = staticmethod(handoffFor)
     readyToMove = staticmethod(readyToMove)
+    flushed = staticmethod(flushed)
 
     def moving(self, connection: Any) -> bool:
         """

@@ -21,8 +21,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from txgrace.drain import IDLE_GRACE_SECONDS, DrainResult
-from txgrace.handoff import HandoffReceiver, HTTPChannelHandoff, handoffFor, readyToMove
+from txgrace.drain import FLUSH_POLL_SECONDS, IDLE_GRACE_SECONDS, DrainResult
+from txgrace.handoff import HandoffReceiver, HTTPChannelHandoff, flushed, handoffFor
 from txgrace.interfaces import IHandoff
 from txgrace.test.test_drain import (
     REQUEST,
@@ -115,20 +115,16 @@ class HTTPChannelHandoffTests(DrainTestsMixin, SynchronousTestCase):
 
     def test_unwrittenResponse(self) -> None:
         """
-        A connection whose last response is not all in the kernel yet is
-        not ready to move.
+        A connection whose last response is not all in the kernel is not
+        flushed: it moves only once it is.
         """
         connection, channel, transport = self.httpConnection()
-        connection.server = FakePort()
-        handoff = IHandoff(channel)
-        self.patch(
-            __import__("txgrace.handoff", fromlist=["x"]),
-            "pendingWriteBytes",
-            lambda transport: 10,
-        )
-        connection.connected = True
-        connection.disconnecting = False
-        self.assertIsNone(readyToMove(connection, handoff))
+        import txgrace.handoff as handoffModule
+
+        self.patch(handoffModule, "pendingWriteBytes", lambda transport: 10)
+        self.assertFalse(flushed(connection))
+        self.patch(handoffModule, "pendingWriteBytes", lambda transport: 0)
+        self.assertTrue(flushed(connection))
 
 
 class FakePort:
@@ -150,6 +146,11 @@ class FakeSender:
 
     def readyToMove(self, connection: Any, handoff: Any) -> bytes | None:
         return handoff.handoffState()
+
+    flushedNow = True
+
+    def flushed(self, connection: Any) -> bool:
+        return self.flushedNow
 
     def moving(self, connection: Any) -> bool:
         return connection in self._moving
@@ -217,6 +218,59 @@ class DrainMovesTests(DrainTestsMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(1)
         self.assertEqual(len(sender.moves), 1)
+
+    def test_movesTheMomentItComesToRest(self) -> None:
+        """
+        A connection whose request finishes during the drain is offered the
+        moment it comes to rest, not at the next look on a timer: a client
+        that sends its next request as soon as a response arrives leaves
+        it at rest only that long.
+        """
+        sender = FakeSender()
+        resource = DeferredResource()
+        connection, channel, transport = self.connection(resource)
+        channel.dataReceived(REQUEST)
+        self.drain(60, handoff=sender).start()
+        self.clock.advance(0)
+        self.assertEqual(sender.moves, [])
+        [request] = resource.requests
+        request.finish()
+        self.assertEqual(len(sender.moves), 1)
+        # The timer's look afterwards does not offer it twice.
+        self.clock.advance(5)
+        self.assertEqual(len(sender.moves), 1)
+
+    def test_heldUntilFlushed(self) -> None:
+        """
+        At rest but with its last response not all in the kernel, a
+        connection stops reading at once and moves once the response is
+        out; a drain given up meanwhile reads it again.
+        """
+        sender = FakeSender()
+        sender.flushedNow = False
+        connection, channel, transport = self.connection()
+        reading: list[bool] = []
+        connection.stopReading = lambda: reading.append(False)  # type: ignore[attr-defined]
+        connection.startReading = lambda: reading.append(True)  # type: ignore[attr-defined]
+        drain = self.drain(60, handoff=sender)
+        drain.start()
+        self.clock.advance(0)
+        self.assertEqual((sender.moves, reading), ([], [False]))
+        sender.flushedNow = True
+        self.clock.advance(FLUSH_POLL_SECONDS)
+        self.assertEqual(len(sender.moves), 1)
+
+        other, _, _ = self.connection()
+        other.stopReading = lambda: reading.append(False)  # type: ignore[attr-defined]
+        other.startReading = lambda: reading.append(True)  # type: ignore[attr-defined]
+        sender.flushedNow = False
+        reading.clear()
+        drain = self.drain(60, handoff=FakeSender())
+        drain._handoff.flushedNow = False
+        drain.start()
+        self.clock.advance(0)
+        drain.abandon()
+        self.assertIn(True, reading)
 
     def test_refusedIsDrained(self) -> None:
         """
@@ -395,6 +449,55 @@ class HandoffProcessTests(TestCase):
             status, text, close = _readResponse(skt, True)
             self.assertEqual((status, text, close), (200, f"hello from pid {successor.pid}\n".encode(), False))
         self.assertEqual(server.waitFirst(), 0)
+
+    def test_backToBackPipelinedClient(self) -> None:
+        """
+        A client that sends 3 pipelined requests the moment the last
+        response arrives, over and over, leaves its connection at rest only
+        a moment each time: it moves then, promptly (the old process exits
+        well before the hammer), with no failed request, on one connection.
+        """
+        import threading
+
+        server, serving = startServer(self)
+        skt = socket.create_connection((HOST, serving.port()), timeout=15)
+        self.addCleanup(skt.close)
+        reader = _Reader(skt)
+        stop = threading.Event()
+        answers: list[tuple[int, bytes, bool]] = []
+        errors: list[BaseException] = []
+        # Busy most of the time (a slow first request), at rest only
+        # between the last response and the next batch.
+        batch = (
+            b"GET /sleep?duration=0.3 HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+        )
+
+        def loop() -> None:
+            try:
+                for _ in range(100_000):
+                    if stop.is_set():
+                        return
+                    skt.sendall(batch)
+                    for _ in range(3):
+                        answers.append(_readResponse(skt, True, reader))
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        self.addCleanup(stop.set)
+        self.assertTrue(waitUntil(lambda: len(answers) > 6, 15))
+        successor = restart(server, serving, timeout=20)
+        count = len(answers)
+        self.assertTrue(waitUntil(lambda: len(answers) > count + 6, 15))
+        stop.set()
+        thread.join(15)
+        self.assertEqual(errors, [])
+        self.assertEqual({a[0] for a in answers}, {200})
+        self.assertEqual({a[2] for a in answers}, {False})
+        self.assertEqual(pidOf(answers[-1][1]), successor.pid)
+        self.assertEqual(pidOf(answers[0][1]), serving.pid)
 
     def test_finalStopKeepsIdleConnections(self) -> None:
         """
