@@ -297,7 +297,42 @@ class HandoffSender:
             answer.callback(b"the channel closed")
 
 
-class HandoffRelay:
+class _ConnectionsArriving:
+    """
+    The receiving end of connections on a control channel: each descriptor
+    arrives first, then the C{CONN} line that names it.
+    """
+
+    def __init__(self) -> None:
+        self._descriptors: deque[int] = deque()
+
+    def descriptorReceived(self, fd: int) -> None:
+        """
+        A descriptor arrived; the line that says what it is follows.
+        """
+        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        self._descriptors.append(fd)
+
+    def _take(self, line: bytes) -> tuple[bytes, int, bytes, str] | bytes:
+        """
+        The connection a C{CONN} line names: its id, descriptor, state and
+        port key; or, when the line is not usable, the C{REFUSED} answer
+        (its descriptor, if any, closed).
+        """
+        parts = line.split(b" ")
+        ident = parts[1] if len(parts) > 1 else b"?"
+        if not self._descriptors:
+            return b"%s %s no descriptor came with it" % (REFUSED, ident)
+        fd = self._descriptors.popleft()
+        try:
+            return ident, fd, _unb64(parts[2]), _unb64(parts[3]).decode()
+        except (IndexError, ValueError, binascii.Error):
+            os.close(fd)
+            return b"%s %s malformed" % (REFUSED, ident)
+
+
+class HandoffRelay(_ConnectionsArriving):
     """
     A master's part: the connections a retiring worker passes up (on its
     control channel) are passed on to a worker that stays, and the answer
@@ -313,36 +348,21 @@ class HandoffRelay:
     def __init__(
         self, upstream: Any, target: Any, took: Callable[[], None] | None = None
     ) -> None:
+        _ConnectionsArriving.__init__(self)
         self._upstream = upstream
         self._target = target
         self._took = took
-        self._descriptors: deque[int] = deque()
-
-    def descriptorReceived(self, fd: int) -> None:
-        """
-        A descriptor arrived; the line that says what it is follows.
-        """
-        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-        self._descriptors.append(fd)
 
     def connectionReceived(self, line: bytes) -> None:
         """
         Pass on the connection a C{CONN} line describes.
         """
-        parts = line.split(b" ")
-        ident = parts[1] if len(parts) > 1 else b"?"
-        if not self._descriptors:
-            self._answer(b"%s %s no descriptor came with it" % (REFUSED, ident))
+        taken = self._take(line)
+        if isinstance(taken, bytes):
+            self._answer(taken)
             return
-        fd = self._descriptors.popleft()
+        ident, fd, state, key = taken
         sender = self._target()
-        try:
-            state, key = _unb64(parts[2]), _unb64(parts[3]).decode()
-        except (IndexError, ValueError, binascii.Error):
-            os.close(fd)
-            self._answer(b"%s %s malformed" % (REFUSED, ident))
-            return
         if sender is None:
             os.close(fd)
             self._answer(b"%s %s no worker takes it" % (REFUSED, ident))
@@ -390,7 +410,7 @@ def _peerAddress(skt: socket.socket) -> Any:
     return address
 
 
-class HandoffReceiver:
+class HandoffReceiver(_ConnectionsArriving):
     """
     The successor's end: serves the connections its predecessor passes,
     each with the factory of the port it came through.
@@ -400,17 +420,9 @@ class HandoffReceiver:
     """
 
     def __init__(self, registry: Any) -> None:
+        _ConnectionsArriving.__init__(self)
         self._registry = registry
-        self._descriptors: deque[int] = deque()
         self.resumed = 0
-
-    def descriptorReceived(self, fd: int) -> None:
-        """
-        A descriptor arrived; the line that says what it is follows.
-        """
-        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-        self._descriptors.append(fd)
 
     def connectionReceived(self, line: bytes) -> bytes:
         """
@@ -418,16 +430,10 @@ class HandoffReceiver:
 
         @return: The answer line, C{TOOK <id>} or C{REFUSED <id> <why>}.
         """
-        parts = line.split(b" ")
-        ident = parts[1] if len(parts) > 1 else b"?"
-        if not self._descriptors:
-            return b"%s %s no descriptor came with it" % (REFUSED, ident)
-        fd = self._descriptors.popleft()
-        try:
-            state, key = _unb64(parts[2]), _unb64(parts[3]).decode()
-        except (IndexError, ValueError, binascii.Error):
-            os.close(fd)
-            return b"%s %s malformed" % (REFUSED, ident)
+        taken = self._take(line)
+        if isinstance(taken, bytes):
+            return taken
+        ident, fd, state, key = taken
         why = self._serve(fd, key, state)
         if why is not None:
             return b"%s %s %s" % (REFUSED, ident, why.encode())
