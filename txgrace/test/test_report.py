@@ -103,3 +103,28 @@ class LifecycleReportTests(LifecycleTestCase):
         reported = lifecycle.whenRestarted()
         successor.ended.callback("signal 9")
         self.failureResultOf(reported, SuccessorFailed)
+
+
+class GraceServiceReportTests(LifecycleTestCase):
+    def test_restartFiresWithReport(self) -> None:
+        """
+        L{GraceService.restart} fires with the report once the old process's
+        part is over, not with the pid at readiness.
+        """
+        from txgrace import lifecycle as lifecycleModule
+        from txgrace.service import GraceService
+
+        lifecycle = self.serving(probation=0)
+        self.patch(lifecycleModule, "_lifecycles", {self.registry: lifecycle})
+        service = GraceService(registry=self.registry, reactor=self.reactor)
+        self.assertIs(service.lifecycle, lifecycle)
+        result = service.restart()
+        [successor] = FakeSuccessor.made
+        successor.result.callback(successor.pid)
+        self.assertNoResult(result)
+        [(drain, _)] = self.drains
+        drain.done.callback(DrainResult(4, 0, 0.1, handedOff=4))
+        lifecycle.shutdown(exiting=False)
+        report = self.successResultOf(result)
+        self.assertIsInstance(report, RestartReport)
+        self.assertEqual((report.successor, report.handedOff), (successor.pid, 4))
