@@ -12,10 +12,8 @@ import fcntl
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-from typing import Any
 
 from twisted.trial.unittest import TestCase
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -30,7 +29,7 @@ from txgrace.test.test_drain import (
     DrainTestsMixin,
     parseResponses,
 )
-from txgrace.test.test_process import LOCAL, startServer
+from txgrace.test.test_process import startServer
 from txgrace.test.test_restart import restart
 from txgrace.testing import (
     HTTPLoad,

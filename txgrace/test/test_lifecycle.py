@@ -33,7 +33,7 @@ from txgrace.lifecycle import (
 )
 from txgrace.pidfile import readRestartStatus
 from txgrace.service import GraceService
-from txgrace.restart import GO_TIMEOUT, ControlChannel, Successor, SuccessorFailed
+from txgrace.restart import GO_TIMEOUT, ControlChannel, SuccessorFailed
 from txgrace.settings import SettingError, resolve
 from txgrace.test.test_process import shortTemporaryDirectory as temporaryDirectory
 
