@@ -84,11 +84,24 @@ def wrappedHTTPChannel(protocol: Any) -> Any:
     # http._GenericHTTPChannelProtocol._channel: the HTTPChannel, or the
     # H2Connection once ALPN chose h2.  No public accessor.  Present in
     # 26.4.0 and 26.10.0; believed since 16.3 (HTTP/2 support).
-    from twisted.web import http
-
-    if isinstance(protocol, http._GenericHTTPChannelProtocol):
+    if isinstance(protocol, _genericHTTPChannelClass()):
         return protocol._channel
     return None
+
+
+def _genericHTTPChannelClass() -> Any:
+    # Looked up once: twisted.web.http is a module proxy (for its
+    # deprecations) that makes every attribute lookup slow, and the drain
+    # asks for every connection.
+    global _genericHTTPChannel
+    if _genericHTTPChannel is None:
+        from twisted.web import http
+
+        _genericHTTPChannel = http._GenericHTTPChannelProtocol
+    return _genericHTTPChannel
+
+
+_genericHTTPChannel: Any = None
 
 
 def unparsedBytes(channel: Any) -> bytes:

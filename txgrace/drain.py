@@ -212,6 +212,7 @@ class Drain:
         self._idleGrace = idleGrace
         self._drainingHTTP: set[Any] = set()
         self._watched: set[Any] = set()
+        self._toMove: list[tuple[Any, Any]] = []
         self._held: set[Any] = set()
         self._moved: set[Any] = set()
         self._done: Deferred[DrainResult] = Deferred()
@@ -238,6 +239,9 @@ class Drain:
             self._calls.append(self._clock.callLater(self._hammerTimeout, self.hammer))
         for connection in list(self._connections):
             self._guarded(connection, self._ask, connection)
+        if self._toMove:
+            # From the next reactor turn on: the successor hears GO first.
+            self._calls.append(self._clock.callLater(0, self._moveAll))
         if self._paced:
             self._releasePaced()
         self._finishIfEmpty()
@@ -327,10 +331,14 @@ class Drain:
         if self._handoff is not None:
             handoff = self._handoff.handoffFor(connection)
             if handoff is not None:
-                # From the next reactor turn on: the successor hears GO first.
-                self._later(0, connection, self._move, connection, handoff, MOVE_POLL_SECONDS[0])
+                self._toMove.append((connection, handoff))
                 return
         self._askToFinish(connection)
+
+    def _moveAll(self) -> None:
+        toMove, self._toMove = self._toMove, []
+        for connection, handoff in toMove:
+            self._guarded(connection, self._move, connection, handoff, MOVE_POLL_SECONDS[0])
 
     def _move(self, connection: Any, handoff: Any, wait: float) -> None:
         """
