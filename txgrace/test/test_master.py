@@ -175,6 +175,9 @@ class DrillTests(_MasterMixin, TestCase):
         self.assertTrue(set(workers) <= set(result.pids))
         # A worker that never became ready accepted nothing.
         self.assertNotIn(failed, result.pids)
+        # The old workers may accept until they read their STOP: once they
+        # are gone, only the new ones serve.
+        self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in workers), 30))
         self.assertIn(_servedBy(get(port)), new)
 
     def test_workerCrashesAtStart(self) -> None:
