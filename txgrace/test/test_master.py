@@ -146,6 +146,7 @@ class RollingRestartTests(_MasterMixin, TestCase):
         status, body = slow.join()
         self.assertEqual(status, 200)
         self.assertTrue(any(f"from pid {p}".encode() in body for p in workers))
+        self.assertTrue(waitUntil(lambda: not any(isAlive(p) for p in workers), 30))
         self.assertIn(_servedBy(get(port)), new)
 
 
