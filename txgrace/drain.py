@@ -273,7 +273,7 @@ class Drain:
         for connection in remaining:
             log.warn(
                 "Hammer: aborting {peer} ({protocol}), open {age:.1f}s",
-                peer=_peer(connection),
+                peer=describePeer(connection),
                 protocol=type(applicationProtocol(connection)).__name__,
                 age=now - getattr(connection, "openedAt", now),
             )
@@ -323,7 +323,7 @@ class Drain:
             log.failure(
                 "Draining {peer} ({protocol}) failed; it is left to close on "
                 "its own",
-                peer=_peer(connection),
+                peer=describePeer(connection),
                 protocol=type(applicationProtocol(connection)).__name__,
             )
 
@@ -562,7 +562,11 @@ def _ignoringRefused(
     return handle
 
 
-def _peer(connection: Any) -> str:
+def describePeer(connection: Any) -> str:
+    """
+    C{connection}'s peer for a log line: C{host:port}, a UNIX socket's
+    name, or C{?}.
+    """
     try:
         peer = connection.getPeer()
     except Exception:

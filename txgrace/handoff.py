@@ -72,7 +72,7 @@ from txgrace._twisted import (
     acceptedTransport,
     unparsedBytes,
 )
-from txgrace.drain import applicationProtocol
+from txgrace.drain import applicationProtocol, describePeer
 from txgrace.interfaces import IHandoff
 
 log = Logger()
@@ -252,7 +252,7 @@ class HandoffSender:
             self.refused += 1
             log.warn(
                 "The connection of {peer} stays here: {why}",
-                peer=_peer(connection),
+                peer=describePeer(connection),
                 why=why.decode("utf-8", "replace"),
             )
             if not connection.disconnected:
@@ -389,14 +389,6 @@ class HandoffRelay(_ConnectionsArriving):
     def _answer(self, line: bytes) -> None:
         if self._upstream.connected and not self._upstream.disconnecting:
             self._upstream.write(line + b"\n")
-
-
-def _peer(connection: Any) -> str:
-    try:
-        peer = connection.getPeer()
-    except Exception:
-        return "?"
-    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
 
 def _peerAddress(skt: socket.socket) -> Any:
