@@ -264,6 +264,7 @@ class ProcessLifecycle:
         self._draining = False
         self._drainingWaiters: list[Deferred[None]] = []
         self._restartBegan: tuple[float, ListenCounters | None] = (0.0, None)
+        self._relayedBefore = 0
         self._handedOver: tuple[int, float, int] | None = None
         self._reportWaiters: list[Deferred[RestartReport]] = []
 
@@ -901,7 +902,6 @@ class ProcessLifecycle:
             after a failure this process goes on serving.
         """
         asked = time.time()
-        self._restartBegan = (self._reactor.seconds(), listenCounters())
         refusal = {
             STARTING: "this process is not ready yet",
             RESTARTING: (
@@ -921,6 +921,10 @@ class ProcessLifecycle:
             self._recordRestart(asked, "refused", reason=refusal)
             return fail(RestartRefused(refusal))
         self.state = RESTARTING
+        # A refused trigger (above) does not restart the clock of the
+        # restart in progress.
+        self._restartBegan = (self._reactor.seconds(), listenCounters())
+        self._relayedBefore = getattr(self.workers, "handedOff", 0)
         self._notify(*sdnotify.reloading())
         if self.workers is not None:
             rolled = self.workers.roll()
@@ -976,7 +980,8 @@ class ProcessLifecycle:
             self.state = SERVING
             self._notify("READY=1")
         self._recordRestart(asked, "ready", successor=os.getpid())
-        handedOff = getattr(self.workers, "handedOff", 0)
+        # The connections passed on through the master during this roll.
+        handedOff = getattr(self.workers, "handedOff", 0) - self._relayedBefore
         self._report(
             os.getpid(),
             self._reactor.seconds(),
